@@ -1,0 +1,51 @@
+"""The Celery application: broker, queues, delivery guarantees and beat schedule. No logic."""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.schedules import crontab
+from kombu import Queue as KombuQueue
+
+from .queues import Queue
+from .settings import Settings, load_settings
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app configured from `settings`."""
+    app = Celery("crmsync", broker=settings.celery_broker_url, include=["worker.tasks"])
+    transport: dict[str, object] = {"visibility_timeout": settings.visibility_timeout}
+    if settings.embedded_broker:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        transport["polling_interval"] = 0.1
+    else:
+        # Consume queues in the order the worker lists them: priority before bulk.
+        transport["queue_order_strategy"] = "priority"
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=Queue.PRIORITY.value,
+        task_queues=[KombuQueue(q.value) for q in Queue],
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "incremental-sync": {
+                "task": "crmsync.plan_incremental",
+                "schedule": settings.incremental_every,
+                "options": {"queue": Queue.PRIORITY.value, "expires": settings.incremental_every},
+            },
+            "full-sync": {
+                "task": "crmsync.plan_full",
+                "schedule": crontab(*settings.full_sync_cron.split()),
+                "options": {"queue": Queue.PRIORITY.value},
+            },
+        },
+    )
+    return app
+
+
+app = create_app(load_settings())

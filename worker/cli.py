@@ -1,0 +1,329 @@
+"""The `crmsync` command."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import ConfigError, CrmsyncError
+
+log = logging.getLogger("crmsync")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    return str(value)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=_json_default, sort_keys=True))
+
+
+class _Ticker:
+    """Progress lines on stderr, at most one a second; silent with --json."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.last = 0.0
+        self.start = time.monotonic()
+
+    def __call__(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.quiet or (not force and now - self.last < 1.0):
+            return
+        self.last = now
+        print(f"[{now - self.start:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Migrate the state DB to the latest schema."""
+    from .settings import load_settings
+    from .state.db import migrate
+
+    settings = load_settings()
+    rev = migrate(settings.state_url)
+    print(f"state database ready at revision {rev}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate settings, mapping, source, state DB and the Proto connection."""
+    from .checks import run_checks
+
+    ok = True
+    for line_ok, text in run_checks():
+        ok &= line_ok
+        print(("ok    " if line_ok else "FAIL  ") + text)
+    return 0 if ok else 1
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Plan a full or incremental run; with --wait, see it through."""
+    from .jobs import embedded_worker, plan_run, runtime, wait_for_run
+
+    rt = runtime()
+    tick = _Ticker(args.json)
+    result = plan_run(
+        args.kind, force=args.force, dry_run=args.dry_run,
+        progress=lambda c: tick(f"planning: read {c['read']}, to send {c['enqueued'] + 0}, unchanged {c['unchanged']}"),
+    )
+    if args.dry_run or not args.wait or not result["counts"].get("enqueued"):
+        return _report(result, rt, args, run=rt.store.finish_run(result["run_id"]) if args.wait and result["run_id"] else None)
+    return _see_through(result, rt, args, tick, embedded_worker, wait_for_run)
+
+
+def _see_through(
+    result: dict[str, Any], rt: Any, args: argparse.Namespace, tick: _Ticker,
+    embedded_worker: Callable[..., Any], wait_for_run: Callable[..., dict[str, Any]],
+) -> int:
+    total = result["counts"]["enqueued"]
+
+    def on_progress(p: dict[str, int]) -> None:
+        done = total - p.get("queued", 0)
+        tick(f"syncing: {done}/{total} done (synced {p.get('synced', 0)}, dead-lettered {p.get('dead', 0)})")
+
+    if rt.settings.embedded_broker:
+        with embedded_worker(rt) as alive:
+            run = wait_for_run(rt, result["run_id"], on_progress, alive)
+    else:
+        run = wait_for_run(rt, result["run_id"], on_progress)
+    return _report(result, rt, args, run)
+
+
+def _report(result: dict[str, Any], rt: Any, args: argparse.Namespace, run: dict[str, Any] | None) -> int:
+    if run:
+        result = {**result, "run": run}
+        for k in ("synced", "dead", "failed"):
+            result["counts"][k] = run.get(k, 0)
+        if run.get("finished_at") and run.get("started_at"):
+            result["seconds"] = round((run["finished_at"] - run["started_at"]).total_seconds(), 2)
+    if getattr(args, "json", False):
+        _print_json(result)
+        return 0
+    c = result["counts"]
+    what = "dry run" if getattr(args, "dry_run", False) else f"run {result['run_id']}"
+    print(f"{result['kind']} {what}: read {c.get('read', 0)}, new {c.get('new', 0)}, changed {c.get('changed', 0)}, "
+          f"unchanged {c.get('unchanged', 0)}, invalid {c.get('invalid', 0)}, deleted {c.get('deleted', 0)}, "
+          f"enqueued {c.get('enqueued', 0)}")
+    parts = ", ".join(f"{p} {c.get('part_' + p, 0)}" for p in ("profile", "tags", "fields"))
+    print(f"  parts to send: {parts}")
+    if run:
+        print(f"  finished: synced {run.get('synced', 0)}, dead-lettered {run.get('dead', 0)}"
+              + (f" in {result['seconds']} s" if "seconds" in result else ""))
+    for item in result.get("preview", [])[:5] if getattr(args, "dry_run", False) else []:
+        print(f"  {'new' if item['new'] else 'changed'} {item['key']}: {', '.join(item['parts'])}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a Celery worker serving the priority queue ahead of the bulk queue."""
+    from .celery_app import app
+    from .jobs import runtime
+    from .queues import Queue
+
+    settings = runtime().settings
+    argv = [
+        "worker", "--pool", "threads", "--concurrency", str(args.concurrency or settings.worker_concurrency),
+        "--queues", ",".join(q.value for q in Queue), "--loglevel", args.loglevel,
+        "--hostname", f"crmsync-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+    ]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    """Run Celery beat: incremental syncs every N seconds, a full sync on a cron."""
+    from .celery_app import app
+    from .jobs import runtime
+
+    data = runtime().settings.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    app.start(["beat", "--loglevel", args.loglevel, "--schedule", str(data / "beat-schedule")])
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Last runs, customers by status, dead letters, watermark."""
+    from .jobs import runtime
+
+    store = runtime().store
+    runs = store.runs(args.limit)
+    letters = store.dead_letters(state="dead")
+    by_class: dict[str, int] = {}
+    for d in letters:
+        by_class[d["error_class"]] = by_class.get(d["error_class"], 0) + 1
+    status = {"runs": runs, "customers": store.status_counts(), "dead_letters": by_class, "watermark": store.cursor()}
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"customers: {', '.join(f'{k} {v}' for k, v in sorted(status['customers'].items())) or 'none yet'}")
+    print(f"watermark: {status['watermark'] or 'none yet'}")
+    print(f"dead letters: {len(letters)}" + (f" ({', '.join(f'{k} {v}' for k, v in by_class.items())})" if by_class else ""))
+    for r in runs:
+        print(f"  {r['id']} {r['kind']:<11} {r['status']:<9} started {r['started_at']:%Y-%m-%d %H:%M:%S} "
+              f"read {r['read']} enqueued {r['enqueued']} synced {r['synced']} dead {r['dead']}")
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    """List, show, replay or discard dead letters."""
+    from .jobs import embedded_worker, replay, runtime, wait_for_run
+
+    rt = runtime()
+    store = rt.store
+    if args.action == "list":
+        since = dt.datetime.fromisoformat(args.since) if args.since else None
+        letters = store.dead_letters(state=None if args.all_states else "dead", error_class=args.error_class,
+                                     run_id=args.run, since=since)
+        if args.json:
+            _print_json(letters)
+            return 0
+        if not letters:
+            print("no dead letters")
+        for d in letters:
+            print(f"{d['id']:>6}  {d['provided_unique_id'] or '(no key)':<24} {d['error_class']:<32} {d['message'][:90]}")
+        return 0
+    if args.action == "show":
+        letters = store.dead_letters(state=None, ids=[int(i) for i in args.ids])
+        if not letters:
+            raise CrmsyncError(f"no dead letter with id {', '.join(args.ids)}")
+        for d in letters:
+            _print_json(d) if args.json else print(json.dumps(d, default=_json_default, indent=2, ensure_ascii=False))
+        return 0
+    if args.action == "discard":
+        if not args.ids and not args.all:
+            raise ConfigError("name the dead letters to discard (IDs) or give --all")
+        ids = [int(i) for i in args.ids] or [d["id"] for d in store.dead_letters(state="dead")]
+        n = store.set_dead_letter_state(ids, "discarded", only_from="dead")
+        print(f"discarded {n} dead letters")
+        return 0
+    if not args.ids and not args.all and not args.error_class:
+        raise ConfigError("name the dead letters to replay (IDs), or give --all or --error-class")
+    tick = _Ticker(args.json)
+    result = replay([int(i) for i in args.ids], error_class=args.error_class, as_recorded=args.as_recorded)
+    run = None
+    if result["run_id"] and result["counts"].get("enqueued") and (args.wait or rt.settings.embedded_broker):
+        # On the embedded broker nobody else would drain the queue: see the replay through.
+        args.kind = "replay"
+        return _see_through(result, rt, args, tick, embedded_worker, wait_for_run)
+    return _report(result, rt, args, run)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """Serve the local Proto API sandbox."""
+    from .sandbox import SandboxConfig, serve
+
+    config = SandboxConfig.from_env(
+        args.subcompany_id, args.token, rate_limit=args.rate_limit, fail_rate=args.fail_rate,
+        latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, drop_rate=args.drop_rate, burst=args.burst,
+    )
+    print(f"Proto sandbox on http://{args.host}:{args.port}/api/platform "
+          f"(sub-companies: {', '.join(config.tenants)}; rate limit {config.rate_limit:g}/s)", flush=True)
+    serve(config, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Everything on embedded defaults: a sample CRM, the sandbox, a worker, the three uses."""
+    from .demo import run_demo
+
+    return run_demo(size=args.size, keep=args.keep)
+
+
+# -- parser --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from .settings import DEFAULT_RATE_LIMIT
+
+    p = argparse.ArgumentParser(prog="crmsync", description="Keep Proto AICX customers in step with a CRM database.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("init", help="create or migrate the state database").set_defaults(func=cmd_init)
+    sub.add_parser("check", help="validate settings, mapping, source, state DB and Proto").set_defaults(func=cmd_check)
+
+    s = sub.add_parser("sync", help="plan a sync run (and with --wait, see it through)")
+    s.add_argument("kind", choices=["full", "incremental"])
+    s.add_argument("--dry-run", action="store_true", help="count what would be sent; call nothing, change nothing")
+    s.add_argument("--force", action="store_true", help="send every part of every contact, changed or not")
+    s.add_argument("--wait", action="store_true", help="block until every contact is synced or dead-lettered")
+    s.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
+    s.set_defaults(func=cmd_sync)
+
+    w = sub.add_parser("worker", help="run a worker process")
+    w.add_argument("--concurrency", type=int, help="threads (default CRMSYNC_WORKER_CONCURRENCY)")
+    w.add_argument("--loglevel", default="INFO")
+    w.set_defaults(func=cmd_worker)
+
+    b = sub.add_parser("beat", help="run the scheduler")
+    b.add_argument("--loglevel", default="INFO")
+    b.set_defaults(func=cmd_beat)
+
+    st = sub.add_parser("status", help="runs, customers, dead letters, watermark")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--limit", type=int, default=10)
+    st.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("dlq", help="dead letters: list, show, replay, discard")
+    d.add_argument("action", choices=["list", "show", "replay", "discard"])
+    d.add_argument("ids", nargs="*", help="dead-letter ids")
+    d.add_argument("--all", action="store_true", help="every open dead letter")
+    d.add_argument("--error-class", help="only letters of this error class")
+    d.add_argument("--run", help="only letters of this run")
+    d.add_argument("--since", help="only letters failed since this ISO time")
+    d.add_argument("--all-states", action="store_true", help="list replayed, resolved and discarded letters too")
+    d.add_argument("--as-recorded", action="store_true", help="resend the payload as recorded, not the CRM row")
+    d.add_argument("--wait", action="store_true", help="block until the replayed contacts are done")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_dlq, dry_run=False)
+
+    sb = sub.add_parser("sandbox", help="serve the local Proto API sandbox")
+    sb.add_argument("--host", default="127.0.0.1")
+    sb.add_argument("--port", type=int, default=8700)
+    sb.add_argument("--subcompany-id", help="accepted sub-company (default CRMSYNC_PROTO_SUBCOMPANY_ID)")
+    sb.add_argument("--token", help="its bearer token (default CRMSYNC_PROTO_TOKEN)")
+    sb.add_argument("--rate-limit", type=float, default=DEFAULT_RATE_LIMIT, help="requests/s per sub-company (0: none)")
+    sb.add_argument("--burst", type=int, help="requests allowed back to back (default: 100 ms worth)")
+    sb.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 5xx")
+    sb.add_argument("--drop-rate", type=float, default=0.0, help="share of connections dropped")
+    sb.add_argument("--latency-ms", type=float, default=0.0)
+    sb.add_argument("--jitter-ms", type=float, default=0.0)
+    sb.set_defaults(func=cmd_sandbox)
+
+    dm = sub.add_parser("demo", help="run everything on embedded defaults")
+    dm.add_argument("--size", type=int, default=300, help="contacts in the sample CRM")
+    dm.add_argument("--keep", action="store_true", help="keep the demo's folder")
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `crmsync` command."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"crmsync: {exc}", file=sys.stderr)
+        return 2
+    except CrmsyncError as exc:
+        print(f"crmsync: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

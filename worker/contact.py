@@ -1,0 +1,185 @@
+"""A contact in canonical form: the payload a task carries, split in the parts Proto sets
+with one call each (profile, tags, custom fields), each with a content hash.
+
+Canonical means: the same CRM data always gives the same payload and hashes, whatever the
+SQL dialect or driver returned (Decimal or float, naive or aware datetime, str or bytes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Mapping as AbcMapping
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from .errors import InvalidRecord
+from .proto._wire import MAX_UNIQUE_ID_LENGTH
+from .source.mapping import Mapping
+
+PARTS = ("profile", "tags", "fields")
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+@dataclass(frozen=True)
+class Contact:
+    """One contact, ready to send. `version` is the source's updated_at as UTC ISO text."""
+
+    key: str
+    version: str | None
+    deleted: bool
+    profile: dict[str, Any]
+    tags: list[str]
+    fields: dict[str, Any]
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        """JSON-ready dict for a task message."""
+        return asdict(self)
+
+    @classmethod
+    def from_payload(cls, data: AbcMapping[str, Any]) -> Contact:
+        """The inverse of :meth:`to_payload`."""
+        return cls(**data)
+
+    def part(self, name: str) -> Any:
+        """The body of one part: ``profile``, ``tags`` or ``fields``."""
+        return {"profile": self.profile, "tags": self.tags, "fields": self.fields}[name]
+
+
+def content_hash(value: Any) -> str:
+    """A stable hash of JSON-able data."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def version_text(value: Any) -> str | None:
+    """The source's updated_at as sortable UTC ISO text; naive times are taken as UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    if isinstance(value, dt.date):
+        return value.strftime("%Y-%m-%dT00:00:00.000000")
+    return str(value)
+
+
+def unique_id(raw: Any) -> str:
+    """The provided_unique_id of a key value, or InvalidRecord when it cannot be sent."""
+    if raw is None:
+        raise InvalidRecord("missing_key", "the key column is NULL", "source.key")
+    key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    if not key.strip():
+        raise InvalidRecord("missing_key", "the key column is empty", "source.key")
+    if len(key) > MAX_UNIQUE_ID_LENGTH:
+        raise InvalidRecord(
+            "key_too_long", f"the key is {len(key)} characters (at most {MAX_UNIQUE_ID_LENGTH})", "source.key"
+        )
+    return key
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, Decimal):
+        value = int(value) if value == value.to_integral_value() else float(value)
+    return str(value)
+
+
+def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, value: Any) -> Any:
+    """A CRM value as the JSON value of a custom field of `spec_type`, or InvalidRecord."""
+    if value is None:
+        return None
+    bad = InvalidRecord(
+        "field_type", f"custom field {name!r} ({spec_type}) cannot hold {str(value)[:60]!r}", name
+    )
+    if spec_type == "number":
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int | float | Decimal):
+            number = float(value)
+        else:
+            try:
+                number = float(str(value).strip())
+            except ValueError:
+                raise bad from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise bad
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if spec_type == "toggle":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise bad
+    if spec_type == "date":
+        if isinstance(value, dt.datetime):
+            return value.date().isoformat()
+        if isinstance(value, dt.date):
+            return value.isoformat()
+        try:
+            return dt.date.fromisoformat(str(value).strip()[:10]).isoformat()
+        except ValueError:
+            raise bad from None
+    text = _text(value)
+    if spec_type == "select" and options is not None and text not in options:
+        raise InvalidRecord(
+            "field_option", f"custom field {name!r}: {text!r} is not one of {', '.join(options)}", name
+        )
+    return text
+
+
+def build_contact(
+    mapping: Mapping,
+    row: AbcMapping[str, Any],
+    tags: list[str] | None = None,
+    extra_fields: list[tuple[str, Any]] | None = None,
+) -> Contact:
+    """Turn one source row (with its queried tags and fields) into a Contact.
+
+    Raises InvalidRecord for a row that cannot be sent; the caller records it.
+    """
+    src = mapping.source
+    key = unique_id(row.get(src.key))
+    profile: dict[str, Any] = {}
+    for name, cols in mapping.customer.items():
+        if isinstance(cols, str):
+            profile[name] = _text(row.get(cols))
+        else:
+            words = [t for t in (_text(row.get(c)) for c in cols) if t and t.strip()]
+            profile[name] = " ".join(words) or None
+    if mapping.tags and mapping.tags.column:
+        raw = _text(row.get(mapping.tags.column)) or ""
+        tags = [t.strip() for t in raw.split(mapping.tags.separator)]
+    tag_list = sorted({t for t in (tags or []) if t})
+    values: dict[str, Any] = {}
+    for spec in mapping.column_fields:
+        assert spec.name and spec.column
+        values[spec.name] = field_value(spec.type, spec.options, spec.name, row.get(spec.column))
+    for name, value in extra_fields or []:
+        values[name] = field_value(mapping.query_field_type(name), None, name, value)
+    fields = {k: v for k, v in values.items() if v is not None}
+    deleted = bool(row.get(src.deleted)) if src.deleted else False
+    hashes = {
+        "profile": content_hash(profile),
+        "tags": content_hash(tag_list),
+        "fields": content_hash(fields),
+    }
+    version = version_text(row.get(src.updated_at)) if src.updated_at else None
+    return Contact(key, version, deleted, profile, tag_list, fields, hashes)

@@ -1,0 +1,89 @@
+"""The one exception tree of crmsync.
+
+Every error the project raises derives from :class:`CrmsyncError`, and errors from the
+layers below (httpx, SQLAlchemy, YAML) are translated at the boundary, so callers sort
+them by remedy::
+
+    CrmsyncError
+    ├── ConfigError            a setting or the mapping is wrong: fix it, then rerun
+    ├── SourceError            the CRM database failed or refused a query
+    ├── InvalidRecord          one contact cannot be sent as it is: recorded, the run goes on
+    └── ProtoError             the Proto API (or the way to it) failed
+        ├── RetryableError     try again later: 5xx, timeouts, dropped connections
+        │   └── RateLimited    429: wait `retry_after` seconds; costs no error budget
+        └── PermanentError     the same request will fail again: 400, 404, 409, 422
+            └── AuthError      401, 403: the token or sub-company is wrong
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CrmsyncError(Exception):
+    """Base of every error crmsync raises on purpose."""
+
+
+class ConfigError(CrmsyncError):
+    """A setting or the mapping file is missing or malformed."""
+
+
+class SourceError(CrmsyncError):
+    """The source CRM database failed or refused a query."""
+
+
+class InvalidRecord(CrmsyncError):
+    """One contact cannot be synced as it stands in the CRM.
+
+    `code` is a short stable identifier (``missing_key``, ``field_type``...) that operators
+    can filter dead letters on; `field` names the mapping field at fault, if any.
+    """
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
+class ProtoError(CrmsyncError):
+    """The Proto API answered with an error, or could not be reached.
+
+    `status` is the HTTP status (None when no response came back); `body` is the
+    response body, cut short, with secrets already removed.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, body: Any = None, route: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+        self.route = route
+
+
+class RetryableError(ProtoError):
+    """A failure that may pass on a later try (5xx, timeout, connection error).
+
+    `not_sent` is True when the request surely never reached the API (connection refused),
+    which makes even a non-idempotent POST safe to retry.
+    """
+
+    def __init__(self, message: str, *, not_sent: bool = False, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.not_sent = not_sent
+
+
+class RateLimited(RetryableError):
+    """The API answered 429; `retry_after` is how long it asked us to wait, in seconds."""
+
+    def __init__(self, message: str, *, retry_after: float, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class PermanentError(ProtoError):
+    """A failure that the same request will meet again (400, 404, 409, 422)."""
+
+
+class AuthError(PermanentError):
+    """401 or 403: the bearer token or the sub-company id is wrong."""

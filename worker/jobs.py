@@ -1,0 +1,166 @@
+"""The jobs behind the commands and the beat tasks: plan a run, replay dead letters, wait for a run.
+
+Each builds what it needs from the settings of this process and nothing more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
+
+from .contact import Contact
+from .errors import ConfigError, CrmsyncError
+from .plan import Planner, PlanResult, Progress
+from .queues import Queue, queue_for
+from .runtime import Runtime
+from .settings import load_settings
+from .source.mapping import load_mapping
+from .source.reader import SourceReader, source_engine
+from .sync import message
+
+_RUNTIME: Runtime | None = None
+PLAN_LOCK_TTL = 3600.0
+
+
+class RunInProgress(CrmsyncError):
+    """Another run of the same kind is being planned."""
+
+
+def runtime() -> Runtime:
+    """This process's Runtime, built on first use."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = Runtime(load_settings())
+    return _RUNTIME
+
+
+def celery_enqueue(queue: Queue, msgs: list[dict[str, Any]]) -> None:
+    """Publish one sync task per message, over one broker connection."""
+    from .celery_app import app
+    from .tasks import sync_customer
+
+    with app.producer_or_acquire() as producer:
+        for msg in msgs:
+            sync_customer.apply_async(args=[msg], queue=queue.value, producer=producer)
+
+
+def planner(rt: Runtime) -> Planner:
+    """A Planner for the configured source and mapping."""
+    rt.settings.require("source_url", "mapping")
+    located = load_mapping(str(rt.settings.mapping))
+    reader = SourceReader(source_engine(str(rt.settings.source_url)), located.mapping, rt.settings.batch_size)
+    return Planner(rt, located.mapping, reader, celery_enqueue)
+
+
+@contextlib.contextmanager
+def plan_lock(rt: Runtime, kind: str) -> Iterator[None]:
+    """Hold the planning lease of `kind`, or raise RunInProgress."""
+    holder = uuid.uuid4().hex
+    if not rt.store.acquire_lock(f"plan:{kind}", holder, PLAN_LOCK_TTL):
+        raise RunInProgress(f"another {kind} run is being planned; try again when it has finished")
+    try:
+        yield
+    finally:
+        rt.store.release_lock(f"plan:{kind}", holder)
+
+
+def plan_run(
+    kind: str, *, force: bool = False, dry_run: bool = False, progress: Progress | None = None,
+    rt: Runtime | None = None,
+) -> dict[str, Any]:
+    """Plan a full or incremental run (under its lock); returns its summary."""
+    rt = rt or runtime()
+    if dry_run:
+        return planner(rt).plan(kind, force=force, dry_run=True, progress=progress).as_dict()
+    with plan_lock(rt, kind):
+        return planner(rt).plan(kind, force=force, progress=progress).as_dict()
+
+
+def replay(
+    ids: Sequence[int] = (), *, error_class: str | None = None, as_recorded: bool = False,
+    progress: Progress | None = None, rt: Runtime | None = None,
+) -> dict[str, Any]:
+    """Replay dead letters: re-read their rows from the CRM (or resend them as recorded)."""
+    rt = rt or runtime()
+    letters = rt.store.dead_letters(state="dead", ids=ids or None, error_class=error_class)
+    if not letters:
+        return PlanResult("replay", None).as_dict()
+    keys = sorted({str(d["provided_unique_id"]) for d in letters if d["provided_unique_id"] is not None})
+    if as_recorded:
+        result = _replay_as_recorded(rt, letters)
+    else:
+        with plan_lock(rt, "replay"):
+            result = planner(rt).plan("replay", keys=keys, progress=progress)
+    replayed = []
+    for letter in letters:
+        row = rt.store.customer(str(letter["provided_unique_id"])) if letter["provided_unique_id"] else None
+        if row and row["last_run_id"] == result.run_id:
+            replayed.append(letter["id"])
+    # Letters still "dead" only: a worker may already have synced (and so resolved) one.
+    rt.store.set_dead_letter_state(replayed, "replayed", only_from="dead")
+    summary = result.as_dict()
+    summary["counts"]["letters"] = len(letters)
+    summary["counts"]["replayed"] = len(replayed)
+    return summary
+
+
+def _replay_as_recorded(rt: Runtime, letters: list[dict[str, Any]]) -> PlanResult:
+    result = PlanResult("replay", rt.store.start_run("replay"))
+    assert result.run_id is not None
+    contacts = [Contact.from_payload(d["payload"]) for d in letters if "key" in d["payload"]]
+    rt.store.mark_queued(result.run_id, [(c.key, c.version) for c in contacts])
+    celery_enqueue(queue_for("replay"), [message(result.run_id, c, was_dead=True, force=True) for c in contacts])
+    result.counts.update(read=len(contacts), enqueued=len(contacts))
+    rt.store.update_run(result.run_id, status="running", enqueued=len(contacts), read=len(contacts))
+    return result
+
+
+def wait_for_run(
+    rt: Runtime, run_id: str, on_progress: Callable[[dict[str, int]], None] | None = None,
+    alive: Callable[[], bool] = lambda: True, poll: float = 0.2,
+) -> dict[str, Any]:
+    """Block until every customer of the run is synced or dead-lettered; returns the closed run."""
+    while True:
+        progress = rt.store.run_progress(run_id)
+        if on_progress:
+            on_progress(progress)
+        if not progress.get("queued"):
+            return rt.store.finish_run(run_id)
+        if not alive():
+            raise CrmsyncError("the worker stopped before the run finished; see its log")
+        time.sleep(poll)
+
+
+@contextlib.contextmanager
+def embedded_worker(rt: Runtime) -> Iterator[Callable[[], bool]]:
+    """A real `crmsync worker` process on the embedded broker, for as long as the block runs.
+
+    Yields a function telling whether it is still alive. Its output goes to a log file
+    beside the state DB, so that the command's own output stays readable (and parseable).
+    """
+    if not rt.settings.embedded_broker:
+        raise ConfigError("an embedded worker is only started without CRMSYNC_BROKER_URL")
+    rt.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    log: IO[bytes] = open(rt.settings.data_dir / "worker.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "worker"], stdout=log, stderr=log, start_new_session=True,
+        env={**os.environ, "CRMSYNC_STATE_URL": rt.settings.state_url},
+    )
+    try:
+        yield lambda: proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()

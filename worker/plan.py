@@ -1,0 +1,157 @@
+"""Planning a run: read the source, compare each contact with what Proto holds, enqueue the changes.
+
+A full sync reads every contact in key order; an incremental sync reads from the stored
+watermark minus a lookback window, in (updated_at, key) order; a replay reads given keys.
+Each page is compared with the state in one query, marked queued in one write, then
+enqueued; only then does the watermark move past it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .contact import PARTS, Contact
+from .errors import InvalidRecord
+from .queues import Queue, queue_for
+from .runtime import Runtime
+from .source.mapping import Mapping
+from .source.reader import InvalidRow, Page, SourceReader
+from .state.models import utcnow
+from .sync import message
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[Queue, list[dict[str, Any]]], None]
+Progress = Callable[[Counter[str]], None]
+PREVIEW = 10
+
+
+@dataclass
+class PlanResult:
+    """What planning found and did."""
+
+    kind: str
+    run_id: str | None
+    counts: Counter[str] = field(default_factory=Counter)
+    preview: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {"kind": self.kind, "run_id": self.run_id, "counts": dict(self.counts), "preview": self.preview}
+
+
+class Planner:
+    """Plans runs of one mapping against one state DB."""
+
+    def __init__(self, rt: Runtime, mapping: Mapping, reader: SourceReader, enqueue: Enqueue) -> None:
+        self.rt = rt
+        self.mapping = mapping
+        self.reader = reader
+        self.enqueue = enqueue
+
+    def plan(
+        self,
+        kind: str,
+        *,
+        force: bool = False,
+        dry_run: bool = False,
+        keys: Sequence[str] | None = None,
+        progress: Progress | None = None,
+    ) -> PlanResult:
+        """Plan one run of `kind` (full, incremental, replay); returns its counts."""
+        store = self.rt.store
+        result = PlanResult(kind, None if dry_run else store.start_run(kind))
+        since = self._since() if kind == "incremental" else None
+        registry = store.field_ids()
+        try:
+            for page in self.reader.pages(since=since, keys=keys):
+                self._plan_page(page, result, registry, force=force, dry_run=dry_run)
+                if progress:
+                    progress(result.counts)
+        except Exception as exc:
+            if result.run_id:
+                store.update_run(result.run_id, status="failed", finished_at=utcnow(), error=self.rt.redact(str(exc)))
+            raise
+        if result.run_id:
+            c = result.counts
+            store.update_run(
+                result.run_id, status="running", planned_at=utcnow(), read=c["read"], changed=c["changed"],
+                enqueued=c["enqueued"], unchanged=c["unchanged"], invalid=c["invalid"], deleted=c["deleted"],
+            )
+        return result
+
+    def _since(self) -> dt.datetime | None:
+        cursor = self.rt.store.cursor()
+        if cursor is None:
+            return None  # no watermark yet: read everything once
+        return dt.datetime.fromisoformat(cursor) - dt.timedelta(seconds=self.rt.settings.lookback_seconds)
+
+    def _plan_page(
+        self, page: Page, result: PlanResult, registry: dict[str, str], *, force: bool, dry_run: bool
+    ) -> None:
+        counts = result.counts
+        counts["read"] += len(page)
+        counts["deleted"] += len(page.deleted)  # ASSUMED policy for now: ignore (Proto cannot delete)
+        state = self.rt.store.lookup(c.key for c in page.contacts)
+        planned: list[tuple[Contact, bool]] = []
+        for contact in page.contacts:
+            synced = state.get(contact.key)
+            parts = [p for p in PARTS if force or synced is None or contact.hashes[p] != synced.get(p)]
+            if not parts:
+                counts["unchanged"] += 1
+                continue
+            counts["new" if synced is None else "changed"] += 1
+            counts.update(f"part_{p}" for p in parts)
+            planned.append((contact, synced is not None and synced.status == "dead"))
+            if len(result.preview) < PREVIEW:
+                result.preview.append({"key": contact.key, "parts": parts, "new": synced is None})
+        counts["invalid"] += len(page.invalid)
+        if dry_run or result.run_id is None:
+            return
+        run_id = result.run_id
+        self._record_invalid(page.invalid, run_id)
+        if planned:
+            self._ensure_fields(planned, registry)
+            self.rt.store.mark_queued(run_id, [(c.key, c.version) for c, _ in planned])
+            msgs = [message(run_id, c, was_dead=d, force=force) for c, d in planned]
+            self.enqueue(queue_for(result.kind), msgs)
+            counts["enqueued"] += len(msgs)
+        if page.max_updated is not None and result.kind != "replay":
+            self.rt.store.advance_cursor(page.max_updated)
+
+    def _record_invalid(self, rows: list[InvalidRow], run_id: str) -> None:
+        for row in rows:
+            err: InvalidRecord = row.error
+            self.rt.store.add_dead_letter(
+                row.key, run_id, {"row": row.row}, error_class=f"InvalidRecord.{err.code}",
+                message=f"{err.field}: {err}" if err.field else str(err),
+            )
+        keyed = [r.key for r in rows if r.key is not None]
+        if keyed:
+            self.rt.store.mark_dead(keyed, run_id, "invalid record")
+
+    def _ensure_fields(self, planned: list[tuple[Contact, bool]], registry: dict[str, str]) -> None:
+        """Create in Proto the custom fields these contacts use and the registry lacks."""
+        needed = {name for c, _ in planned for name in c.fields} - set(registry)
+        if not needed:
+            return
+        client = self.rt.client
+        existing = {f.name: f for f in client.list_custom_fields()}
+        specs = {f.name: f for f in self.mapping.column_fields}
+        found = []
+        for name in sorted(needed):
+            if name in existing:
+                f = existing[name]
+            else:
+                spec = specs.get(name)
+                type_ = spec.type if spec else self.mapping.query_field_type(name)
+                f = client.create_custom_field(name, type_, spec.options if spec else None)
+                log.info("created custom field %s (%s) in Proto", name, type_)
+            found.append((f.name, f.id, f.type, f.select_options))
+            registry[f.name] = f.id
+        self.rt.store.register_fields(found)

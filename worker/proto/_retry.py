@@ -1,0 +1,73 @@
+"""The retry policy of API calls, as data: what is retried, how long to wait, when to stop.
+
+A 429 waits exactly its Retry-After and does not spend the error budget; other retryable
+errors back off exponentially with jitter, up to `max_attempts` tries in all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import tenacity
+from tenacity import RetryCallState
+
+from ..errors import RateLimited, RetryableError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one API call is retried."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.5
+    max_backoff: float = 30.0
+    # 429s are free, but not endless: an API that never lets us through is an outage.
+    max_rate_limited: int = 50
+
+    def longest_delay(self) -> float:
+        """The longest total a call may spend waiting between error retries."""
+        return sum(min(self.max_backoff, self.initial_backoff * 2**i) + 1 for i in range(self.max_attempts))
+
+    def retrying(
+        self, sleep: Callable[[float], None] = tenacity.nap.sleep, retry_ticket: bool = True
+    ) -> tenacity.Retrying:
+        """A tenacity Retrying for one call.
+
+        `retry_ticket=False` retries only what surely never reached the API (429,
+        connection refused): a POST without an idempotency key must not be sent twice.
+        """
+        backoff = tenacity.wait_exponential_jitter(initial=self.initial_backoff, max=self.max_backoff)
+        # One Retrying per call, so these tallies are the call's own; `stop` runs once per failure.
+        tally = {"errors": 0, "limited": 0}
+
+        def stop(state: RetryCallState) -> bool:
+            limited = isinstance(_exception(state), RateLimited)
+            tally["limited" if limited else "errors"] += 1
+            return tally["errors"] >= self.max_attempts or tally["limited"] > self.max_rate_limited
+
+        def wait(state: RetryCallState) -> float:
+            exc = _exception(state)
+            if isinstance(exc, RateLimited):
+                return exc.retry_after
+            # 429s do not grow the backoff: it follows the error attempts alone.
+            return backoff(_Attempt(max(1, tally["errors"])))  # type: ignore[arg-type]
+
+        def retry(state: RetryCallState) -> bool:
+            exc = _exception(state)
+            if not isinstance(exc, RetryableError):
+                return False
+            return retry_ticket or isinstance(exc, RateLimited) or exc.not_sent
+
+        return tenacity.Retrying(wait=wait, stop=stop, retry=retry, sleep=sleep, reraise=True)
+
+
+def _exception(state: RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome else None
+
+
+class _Attempt:
+    """Just enough of a RetryCallState for tenacity's backoff strategies."""
+
+    def __init__(self, attempt_number: int) -> None:
+        self.attempt_number = attempt_number

@@ -1,0 +1,149 @@
+"""Every JSON shape and route of the Proto developer API, in one place.
+
+The vendor's page settles the routes, the create-customer and create-ticket bodies and
+little else. Each assumption below is marked ASSUMED and listed in docs/proto-api.md;
+when a real account shows otherwise, this module (and the sandbox, which imports it)
+is what changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+API_PREFIX = "/v1"
+
+# Route templates, relative to the base URL (which ends in /api/platform).
+# The keys double as the names the sandbox's /_sandbox/stats reports routes under.
+ROUTES: dict[str, tuple[str, str]] = {
+    "create_ticket": ("POST", "/v1/conversations/{subcompany_id}/create-ticket"),
+    "get_customer": ("GET", "/v1/customers/{subcompany_id}/customer/{provided_unique_id}/get-customer"),
+    "upsert_customer": ("PUT", "/v1/customers/{subcompany_id}/create-customer/{provided_unique_id}"),
+    "add_tags": ("PUT", "/v1/customers/{subcompany_id}/customer/{provided_unique_id}/add-tags"),
+    "add_custom_fields": (
+        "PUT",
+        "/v1/customers/{subcompany_id}/customer/{provided_unique_id}/add-custom-fields",
+    ),
+    "list_custom_fields": ("GET", "/v1/custom-fields/{subcompany_id}/list-custom-fields"),
+    "create_custom_field": ("POST", "/v1/custom-fields/{subcompany_id}/create-custom-field"),
+    "delete_custom_field": (
+        "DELETE",
+        "/v1/custom-fields/{subcompany_id}/custom-field/{custom_field_id}/delete-custom-fields",
+    ),
+}
+
+# The customer profile fields of create-customer, in the vendor's order.
+PROFILE_FIELDS: tuple[str, ...] = (
+    "external_customer_id",
+    "name",
+    "location",
+    "email",
+    "phone_number",
+    "avatar",
+)
+
+# The custom-field kinds the product offers.
+FIELD_TYPES: tuple[str, ...] = ("text", "number", "toggle", "select", "date")
+
+# create-ticket takes exactly one of these.
+TICKET_CUSTOMER_IDS: tuple[str, ...] = (
+    "customer_id",
+    "external_customer_id",
+    "gateway_profile_id",
+    "provided_unique_id",
+)
+
+# A provided_unique_id longer than this cannot be sent (ASSUMED: no public limit; URLs
+# past a few KB are refused by common proxies, and 255 fits every CRM key we know).
+MAX_UNIQUE_ID_LENGTH = 255
+
+
+def path(route: str, subcompany_id: str, **params: str) -> str:
+    """The URL path of `route`, with every parameter percent-encoded as one segment."""
+    _, template = ROUTES[route]
+    encoded = {k: quote(v, safe="") for k, v in params.items()}
+    return template.format(subcompany_id=quote(subcompany_id, safe=""), **encoded)
+
+
+def customer_body(profile: Mapping[str, Any]) -> dict[str, Any]:
+    """create-customer body: every mapped profile field, nulls included.
+
+    ASSUMED: the upsert sets each field it is given, null clearing it, and leaves
+    fields it is not given unchanged.
+    """
+    return {k: profile[k] for k in PROFILE_FIELDS if k in profile}
+
+
+def tags_body(tags: Sequence[str]) -> dict[str, Any]:
+    """add-tags body. ASSUMED shape: ``{"tags": [names], "create_if_not_exists": true}``."""
+    return {"tags": list(tags), "create_if_not_exists": True}
+
+
+def custom_fields_body(values: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """add-custom-fields body from (custom_field_id, value) pairs.
+
+    ASSUMED shape: ``{"custom_fields": [{"id": ..., "value": ...}]}``; an element may
+    name its field with ``"name"`` instead of ``"id"``.
+    """
+    return {"custom_fields": [{"id": fid, "value": value} for fid, value in values]}
+
+
+def create_field_body(name: str, type_: str, select_options: Sequence[str] | None) -> dict[str, Any]:
+    """create-custom-field body; `select_options` is sent if and only if the type is select."""
+    body: dict[str, Any] = {"name": name, "type": type_}
+    if type_ == "select":
+        body["select_options"] = list(select_options or [])
+    return body
+
+
+def ticket_body(subject: str, **customer: str | None) -> dict[str, Any]:
+    """create-ticket body: the subject and the one customer identifier given."""
+    given = {k: v for k, v in customer.items() if v is not None}
+    if len(given) != 1 or not set(given) <= set(TICKET_CUSTOMER_IDS):
+        raise ValueError(f"create-ticket takes exactly one of {', '.join(TICKET_CUSTOMER_IDS)}")
+    return {"subject": subject, **given}
+
+
+@dataclass(frozen=True)
+class CustomField:
+    """A custom-field definition as Proto lists it."""
+
+    id: str
+    name: str
+    type: str
+    select_options: tuple[str, ...] = ()
+
+
+def parse_custom_field(obj: Mapping[str, Any]) -> CustomField:
+    """One element of list-custom-fields, or the answer of create-custom-field."""
+    return CustomField(
+        id=str(obj["id"]),
+        name=str(obj["name"]),
+        type=str(obj.get("type") or "text"),
+        select_options=tuple(obj.get("select_options") or ()),
+    )
+
+
+def parse_custom_field_page(body: Any) -> tuple[list[CustomField], str | None]:
+    """list-custom-fields answer -> (fields, next cursor).
+
+    ASSUMED: ``{"custom_fields": [...], "next": null}``; a bare list is accepted too, and
+    a non-null ``next`` is followed as a ``cursor`` query parameter.
+    """
+    if isinstance(body, list):
+        return [parse_custom_field(o) for o in body], None
+    items = body.get("custom_fields") or body.get("items") or body.get("data") or []
+    nxt = body.get("next")
+    return [parse_custom_field(o) for o in items], (str(nxt) if nxt else None)
+
+
+def parse_retry_after(value: str | None, default: float = 1.0) -> float:
+    """Seconds to wait from a Retry-After header (delta-seconds; an HTTP date counts as default)."""
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return default

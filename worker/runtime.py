@@ -1,0 +1,62 @@
+"""The resources a process shares among its threads: settings, state DB, Proto client, limiter.
+
+Built once per process, lazily, so that a command that needs no API never builds a client.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+
+from .proto import Limiter, LocalLimiter, ProtoClient, RedisLimiter, RetryPolicy
+from .settings import Settings
+from .state.db import state_engine
+from .state.store import StateStore
+
+
+class Runtime:
+    """Per-process resources built from the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._fields: dict[str, str] = {}
+        self._fields_lock = threading.Lock()
+
+    @cached_property
+    def store(self) -> StateStore:
+        """The state database."""
+        return StateStore(state_engine(self.settings.state_url))
+
+    @cached_property
+    def limiter(self) -> Limiter:
+        """Shared through Redis when the broker is Redis, else local to this process."""
+        s = self.settings
+        if s.broker_url and s.broker_url.startswith(("redis://", "rediss://")):
+            import redis
+
+            s.require("proto_subcompany_id")
+            return RedisLimiter(redis.Redis.from_url(s.broker_url), str(s.proto_subcompany_id), s.rate_limit, s.rate_burst)
+        return LocalLimiter(s.rate_limit, s.rate_burst)
+
+    @cached_property
+    def client(self) -> ProtoClient:
+        """The Proto client of this process (one connection pool, keep-alive)."""
+        s = self.settings
+        s.require("proto_subcompany_id", "proto_token")
+        assert s.proto_token is not None and s.proto_subcompany_id is not None
+        return ProtoClient(
+            s.proto_base_url, s.proto_subcompany_id, s.proto_token.get_secret_value(),
+            limiter=self.limiter, retry=RetryPolicy(max_attempts=s.max_attempts), timeout=s.request_timeout,
+        )
+
+    def field_id(self, name: str) -> str | None:
+        """The Proto id of a custom field, from a process cache refilled from the registry on a miss."""
+        with self._fields_lock:
+            if name not in self._fields:
+                self._fields = self.store.field_ids()
+            return self._fields.get(name)
+
+    def redact(self, text: str) -> str:
+        """`text` without the bearer token."""
+        token = self.settings.proto_token
+        return text.replace(token.get_secret_value(), "[REDACTED]") if token else text

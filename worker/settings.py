@@ -1,0 +1,100 @@
+"""Settings, from the environment (and a `.env` file) with the prefix ``CRMSYNC_``."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+DEFAULT_BASE_URL = "https://v3-api.proto.cx/api/platform"
+# ASSUMED: Proto publishes no limit; the sandbox defaults to the same figure.
+DEFAULT_RATE_LIMIT = 50.0
+
+
+class Settings(BaseSettings):
+    """Every knob of crmsync. The README's configuration table is tested against this class."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CRMSYNC_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    source_url: str | None = Field(None, description="SQLAlchemy URL of the CRM database (read only).")
+    state_url: str = Field(
+        "sqlite:///crmsync-state.db", description="SQLAlchemy URL of the local state database."
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker (redis://...). Unset: an embedded broker in a SQLite file."
+    )
+    mapping: Path | None = Field(None, description="Path of the mapping YAML file.")
+    proto_base_url: str = Field(DEFAULT_BASE_URL, description="Base URL of the Proto platform API.")
+    proto_subcompany_id: str | None = Field(None, description="Proto sub-company (teamspace) id.")
+    proto_token: SecretStr | None = Field(None, description="Bearer token (takeover secret).")
+    proto_token_file: Path | None = Field(None, description="File holding the bearer token.")
+    rate_limit: float = Field(
+        DEFAULT_RATE_LIMIT, gt=0, description="API requests per second per sub-company."
+    )
+    rate_burst: int = Field(1, ge=1, description="Requests the limiter may send back to back.")
+    request_timeout: float = Field(30.0, gt=0, description="Seconds before an API call times out.")
+    max_attempts: int = Field(
+        5, ge=1, description="Tries of one API call on errors (429s are not counted)."
+    )
+    batch_size: int = Field(1000, ge=1, le=10000, description="Contacts read per source page.")
+    lookback_seconds: float = Field(
+        300.0, ge=0, description="Incremental syncs re-read this far behind the watermark."
+    )
+    incremental_every: float = Field(60.0, gt=0, description="Seconds between beat's incremental syncs.")
+    full_sync_cron: str = Field("0 2 * * *", description="Cron line of beat's nightly full sync.")
+    worker_concurrency: int = Field(16, ge=1, description="Threads per worker process.")
+    visibility_timeout: int = Field(
+        600, ge=30, description="Seconds before Redis hands an unacknowledged task to another worker."
+    )
+
+    @model_validator(mode="after")
+    def _token_file(self) -> Settings:
+        if self.proto_token is None and self.proto_token_file is not None:
+            try:
+                self.proto_token = SecretStr(self.proto_token_file.read_text().strip())
+            except OSError as exc:
+                raise ValueError(f"CRMSYNC_PROTO_TOKEN_FILE: cannot read it ({exc.strerror})") from None
+        return self
+
+    @cached_property
+    def embedded_broker(self) -> bool:
+        """True when no broker is configured and crmsync keeps its queue in a SQLite file."""
+        return not self.broker_url
+
+    @property
+    def celery_broker_url(self) -> str:
+        """The broker URL Celery connects to: the configured one or the embedded SQLite file."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def data_dir(self) -> Path:
+        """Where local files go (embedded broker, logs): beside a SQLite state DB, else ./.crmsync."""
+        if self.state_url.startswith("sqlite:///") and self.state_url != "sqlite:///:memory:":
+            db = Path(self.state_url.removeprefix("sqlite:///"))
+            return db.parent.resolve() / (db.stem + ".crmsync")
+        return Path(".crmsync").resolve()
+
+    def require(self, *names: str) -> None:
+        """Stop with a ConfigError naming the first of `names` that is not set."""
+        for name in names:
+            if getattr(self, name) is None:
+                hint = " (or CRMSYNC_PROTO_TOKEN_FILE)" if name == "proto_token" else ""
+                raise ConfigError(f"setting CRMSYNC_{name.upper()} is not set{hint}")
+
+
+def load_settings() -> Settings:
+    """Read the settings, turning a validation error into one line naming the setting."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "CRMSYNC_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
+        raise ConfigError(f"setting {name}: {err['msg']}") from None

@@ -1,0 +1,217 @@
+"""Streams contacts out of the CRM database in keyset-paginated pages, on any SQLAlchemy dialect.
+
+The mapping's query is wrapped as a derived table, so any SELECT works (joins included).
+A page costs one query for the rows, plus one per tag or custom-field query, filtered to the
+page's keys: never a query per row, never the whole table in memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from ..contact import Contact, build_contact
+from ..errors import InvalidRecord, SourceError
+from .mapping import Mapping
+
+
+@dataclass(frozen=True)
+class InvalidRow:
+    """A source row that cannot become a contact, with the reason and what was read of it."""
+
+    key: str | None
+    error: InvalidRecord
+    row: dict[str, Any]
+
+
+@dataclass
+class Page:
+    """One page of contacts, in the order read; `last` is the keyset position after it."""
+
+    contacts: list[Contact] = field(default_factory=list)
+    invalid: list[InvalidRow] = field(default_factory=list)
+    deleted: list[Contact] = field(default_factory=list)
+    last: tuple[Any, Any] | None = None
+    max_updated: Any = None
+
+    def __len__(self) -> int:
+        return len(self.contacts) + len(self.invalid) + len(self.deleted)
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if v is None or isinstance(v, bool | int | float | str):
+            out[k] = v if not isinstance(v, str) else v[:500]
+        else:
+            out[k] = str(v)[:500]
+    return out
+
+
+class SourceReader:
+    """Reads the contacts that `mapping` describes from `engine`."""
+
+    def __init__(self, engine: Engine, mapping: Mapping, batch_size: int = 1000) -> None:
+        self.engine = engine
+        self.mapping = mapping
+        self.batch_size = batch_size
+        self._columns: list[str] | None = None
+
+    # -- shape ---------------------------------------------------------------------------------
+
+    def _probe(self, sql: str) -> list[str]:
+        """Column names of a query, without reading a row."""
+        probe = sa.text(f"SELECT * FROM ({sql}) AS probe WHERE 1 = 0")
+        with self._connect() as conn:
+            try:
+                return list(conn.execute(probe).keys())
+            except sa.exc.SQLAlchemyError as exc:
+                raise SourceError(f"the source query failed: {_reason(exc)}") from None
+
+    def columns(self) -> list[str]:
+        """The columns the contact query returns."""
+        if self._columns is None:
+            self._columns = self._probe(self.mapping.source.select_sql())
+        return self._columns
+
+    def _contacts_table(self) -> sa.Subquery:
+        src = self.mapping.source
+        cols = [
+            sa.column(c, sa.DateTime()) if c == src.updated_at else sa.column(c) for c in self.columns()
+        ]
+        return sa.text(src.select_sql()).columns(*cols).subquery("src")
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def pages(self, since: Any = None, keys: Sequence[Any] | None = None) -> Iterator[Page]:
+        """Every contact, page by page.
+
+        With `since` (an updated_at value), only rows updated at or after it, in
+        (updated_at, key) order; with `keys`, only those keys; otherwise all, in key order.
+        """
+        src = self.mapping.source
+        table = self._contacts_table()
+        key_col = table.c[src.key]
+        if since is not None:
+            if not src.updated_at:
+                raise SourceError("an incremental sync needs `source.updated_at` in the mapping")
+            upd_col = table.c[src.updated_at]
+            order = [upd_col, key_col]
+        else:
+            order = [key_col]
+        after: tuple[Any, Any] | None = None
+        key_chunks = [list(keys[i : i + self.batch_size]) for i in range(0, len(keys), self.batch_size)] if keys else None
+        while True:
+            query = sa.select(table).order_by(*order).limit(self.batch_size)
+            if key_chunks is not None:
+                if not key_chunks:
+                    return
+                query = sa.select(table).where(key_col.in_(key_chunks.pop(0))).order_by(key_col)
+            elif since is not None:
+                upd_col = table.c[src.updated_at]  # type: ignore[index]
+                if after is None:
+                    query = query.where(upd_col >= since)
+                else:
+                    query = query.where(
+                        sa.or_(upd_col > after[0], sa.and_(upd_col == after[0], key_col > after[1]))
+                    )
+            elif after is not None:
+                query = query.where(key_col > after[1])
+            with self._connect() as conn:
+                try:
+                    rows = [dict(r) for r in conn.execute(query).mappings()]
+                except sa.exc.SQLAlchemyError as exc:
+                    raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
+            if not rows and key_chunks is None:
+                return
+            page = self._build_page(rows)
+            if rows:
+                last = rows[-1]
+                after = (last.get(src.updated_at) if src.updated_at else None, last[src.key])
+                page.last = after
+            yield page
+            if key_chunks is None and len(rows) < self.batch_size:
+                return
+
+    def _build_page(self, rows: list[dict[str, Any]]) -> Page:
+        src = self.mapping.source
+        page = Page()
+        raw_keys = [r[src.key] for r in rows if r.get(src.key) is not None]
+        tags = self._side_rows(self.mapping.tags.query, raw_keys) if self.mapping.tags and self.mapping.tags.query else {}
+        fields: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        for query in self.mapping.field_queries:
+            for k, vals in self._side_rows(query, raw_keys).items():
+                fields[k].extend(vals)
+        seen: set[str] = set()
+        for row in rows:
+            if src.updated_at:
+                upd = row.get(src.updated_at)
+                if isinstance(upd, dt.datetime) and (page.max_updated is None or _later(upd, page.max_updated)):
+                    page.max_updated = upd
+            raw_key = row.get(src.key)
+            skey = None if raw_key is None else str(raw_key)
+            try:
+                if skey is not None and skey in seen:
+                    raise InvalidRecord("duplicate_key", f"key {skey!r} appears more than once in the source", "source.key")
+                contact = build_contact(
+                    self.mapping,
+                    row,
+                    tags=[str(t[0]) for t in tags.get(skey or "", []) if t[0] is not None],
+                    extra_fields=[(str(n), v) for n, v in fields.get(skey or "", [])],
+                )
+            except InvalidRecord as exc:
+                page.invalid.append(InvalidRow(skey, exc, _json_safe(row)))
+                continue
+            seen.add(contact.key)
+            (page.deleted if contact.deleted else page.contacts).append(contact)
+        return page
+
+    def _side_rows(self, sql: str, raw_keys: list[Any]) -> dict[str, list[tuple[Any, ...]]]:
+        """Rows of a `(key, ...)` query for the given keys, grouped by key text."""
+        if not raw_keys:
+            return {}
+        names = self._probe(sql)
+        side = sa.text(sql).columns(*[sa.column(n) for n in names]).subquery("side")
+        query = sa.select(*side.c).where(side.c[names[0]].in_(raw_keys))
+        out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        with self._connect() as conn:
+            try:
+                for row in conn.execute(query):
+                    out[str(row[0])].append(tuple(row[1:]))
+            except sa.exc.SQLAlchemyError as exc:
+                raise SourceError(f"a tag or custom-field query failed: {_reason(exc)}") from None
+        return out
+
+    def _connect(self) -> sa.Connection:
+        try:
+            return self.engine.connect()
+        except sa.exc.SQLAlchemyError as exc:
+            raise SourceError(f"cannot connect to the source database: {_reason(exc)}") from None
+
+
+def _later(a: dt.datetime, b: dt.datetime) -> bool:
+    try:
+        return a > b
+    except TypeError:  # naive beside aware: compare as UTC
+        return a.replace(tzinfo=a.tzinfo or dt.UTC) > b.replace(tzinfo=b.tzinfo or dt.UTC)
+
+
+def _reason(exc: sa.exc.SQLAlchemyError) -> str:
+    """The driver's message, without the SQL text or bound parameters (which may hold data)."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if orig is not None else str(exc).split("\n")[0]
+    return text.strip().split("\n")[0][:300]
+
+
+def source_engine(url: str) -> Engine:
+    """An engine for the CRM database: read-only use, small pool, pre-ping."""
+    try:
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2) if not url.startswith("sqlite") else sa.create_engine(url)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        raise SourceError(f"CRMSYNC_SOURCE_URL is not a usable database URL: {exc}") from None

@@ -1,0 +1,318 @@
+"""Reads and writes of the state database, in batches where the hot paths need them.
+
+The planner looks a page of keys up in one query and marks a page queued in one upsert;
+a task reads one row and writes one row. Nothing here calls the API or the CRM.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .models import CustomerSyncState, CustomFieldRecord, DeadLetter, Lock, SyncCursor, SyncRun, utcnow
+
+STATE = CustomerSyncState.__table__
+RUNS = SyncRun.__table__
+DEAD = DeadLetter.__table__
+CURSORS = SyncCursor.__table__
+FIELDS = CustomFieldRecord.__table__
+LOCKS = Lock.__table__
+
+RUN_COUNTS = ("read", "changed", "enqueued", "unchanged", "invalid", "deleted", "synced", "skipped", "failed", "dead")
+
+
+@dataclass(frozen=True)
+class PartHashes:
+    """What crmsync last sent to Proto for one customer."""
+
+    profile: str | None
+    tags: str | None
+    fields: str | None
+    source_version: str | None
+    status: str
+
+    def get(self, part: str) -> str | None:
+        """The synced hash of `part` (profile, tags or fields)."""
+        value: str | None = getattr(self, part)
+        return value
+
+
+def _upsert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
+    """Insert rows, or update the ones whose `keys` exist, in one statement per dialect."""
+    if not rows:
+        return
+    dialect = conn.dialect.name
+    cols = [c for c in rows[0] if c not in keys]
+    stmt: Any
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        stmt = pg_insert(table)
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        stmt = sqlite_insert(table)
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
+    elif dialect in ("mysql", "mariadb"):
+        from sqlalchemy.dialects.mysql import insert as mysql_insert
+
+        stmt = mysql_insert(table)
+        stmt = stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in cols})
+    else:  # pragma: no cover - the three dialects above are the supported ones
+        raise NotImplementedError(f"state DB dialect {dialect} is not supported")
+    conn.execute(stmt, rows)
+
+
+class StateStore:
+    """The state database, as the planner, the tasks and the CLI use it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- customers -------------------------------------------------------------------------------
+
+    def lookup(self, keys: Iterable[str]) -> dict[str, PartHashes]:
+        """Synced hashes of the given customers, in one query per thousand keys."""
+        keys = list(keys)
+        out: dict[str, PartHashes] = {}
+        cols = [STATE.c.provided_unique_id, STATE.c.profile_hash, STATE.c.tags_hash, STATE.c.fields_hash,
+                STATE.c.source_version, STATE.c.status]
+        with self.engine.connect() as conn:
+            for i in range(0, len(keys), 1000):
+                for row in conn.execute(sa.select(*cols).where(STATE.c.provided_unique_id.in_(keys[i : i + 1000]))):
+                    out[row[0]] = PartHashes(*row[1:])
+        return out
+
+    def mark_queued(self, run_id: str, planned: Sequence[tuple[str, str | None]]) -> None:
+        """Mark (key, version) pairs queued by `run_id`, keeping what was synced before."""
+        now = utcnow()
+        rows = [
+            {"provided_unique_id": k, "planned_version": v, "status": "queued", "last_run_id": run_id,
+             "queued_at": now, "updated_at": now}
+            for k, v in planned
+        ]
+        with self.engine.begin() as conn:
+            _upsert(conn, STATE, rows, ["provided_unique_id"])
+
+    def record_outcome(
+        self,
+        key: str,
+        run_id: str | None,
+        status: str,
+        hashes: dict[str, str | None],
+        source_version: str | None,
+        error: str | None = None,
+    ) -> None:
+        """Write the result of one sync task: the hashes now in Proto, the status, the error."""
+        now = utcnow()
+        values: dict[str, Any] = {
+            "status": status, "last_error": error, "updated_at": now,
+            "profile_hash": hashes.get("profile"), "tags_hash": hashes.get("tags"),
+            "fields_hash": hashes.get("fields"),
+        }
+        if status == "synced":
+            values.update(source_version=source_version, synced_at=now)
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                STATE.update().where(STATE.c.provided_unique_id == key)
+                .values(attempts=STATE.c.attempts + 1, **values)
+            ).rowcount
+            if not updated:
+                conn.execute(STATE.insert().values(provided_unique_id=key, last_run_id=run_id, attempts=1, **values))
+
+    def mark_dead(self, keys: Sequence[str], run_id: str, error: str) -> None:
+        """Mark customers dead-lettered before any call was made (invalid rows)."""
+        now = utcnow()
+        rows = [{"provided_unique_id": k, "status": "dead", "last_error": error[:2000], "last_run_id": run_id,
+                 "updated_at": now} for k in keys]
+        with self.engine.begin() as conn:
+            _upsert(conn, STATE, rows, ["provided_unique_id"])
+
+    def customer(self, key: str) -> dict[str, Any] | None:
+        """The whole state row of one customer."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(STATE).where(STATE.c.provided_unique_id == key)).mappings().first()
+        return dict(row) if row else None
+
+    def status_counts(self) -> dict[str, int]:
+        """Customers by status."""
+        with self.engine.connect() as conn:
+            return {s: n for s, n in conn.execute(sa.select(STATE.c.status, sa.func.count()).group_by(STATE.c.status))}
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def start_run(self, kind: str) -> str:
+        """Open a run of `kind`; returns its id."""
+        run_id = uuid.uuid4().hex[:16]
+        with self.engine.begin() as conn:
+            conn.execute(RUNS.insert().values(id=run_id, kind=kind, status="planning", started_at=utcnow()))
+        return run_id
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        """Set columns of a run (counts, status, timestamps)."""
+        with self.engine.begin() as conn:
+            conn.execute(RUNS.update().where(RUNS.c.id == run_id).values(**values))
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """One run as a dict."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(RUNS).where(RUNS.c.id == run_id)).mappings().first()
+        return dict(row) if row else None
+
+    def runs(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The latest runs, newest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(RUNS).order_by(RUNS.c.started_at.desc()).limit(limit)).mappings()
+            return [dict(r) for r in rows]
+
+    def run_progress(self, run_id: str) -> dict[str, int]:
+        """Customers last planned by `run_id`, by status (queued, synced, failed, dead)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(STATE.c.status, sa.func.count()).where(STATE.c.last_run_id == run_id).group_by(STATE.c.status)
+            )
+            return {status: n for status, n in rows}
+
+    def finish_run(self, run_id: str) -> dict[str, Any]:
+        """Close a run whose customers are all done, with its final counts."""
+        progress = self.run_progress(run_id)
+        self.update_run(
+            run_id, status="finished", finished_at=utcnow(), synced=progress.get("synced", 0),
+            failed=progress.get("failed", 0), dead=progress.get("dead", 0),
+        )
+        run = self.run(run_id)
+        assert run is not None
+        return run
+
+    # -- incremental watermark -------------------------------------------------------------------
+
+    def cursor(self, source: str = "default") -> str | None:
+        """The stored watermark (updated_at as ISO text), or None before the first run."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(CURSORS.c.updated_at).where(CURSORS.c.source == source)).scalar()
+
+    def advance_cursor(self, value: dt.datetime, source: str = "default") -> None:
+        """Move the watermark forward to `value`; never backward."""
+        text = value.isoformat()
+        current = self.cursor(source)
+        if current is not None and _as_utc(dt.datetime.fromisoformat(current)) >= _as_utc(value):
+            return
+        with self.engine.begin() as conn:
+            _upsert(conn, CURSORS, [{"source": source, "updated_at": text, "moved_at": utcnow()}], ["source"])
+
+    # -- custom-field registry -------------------------------------------------------------------
+
+    def field_ids(self) -> dict[str, str]:
+        """Registered custom fields: name -> Proto id."""
+        with self.engine.connect() as conn:
+            return {n: i for n, i in conn.execute(sa.select(FIELDS.c.name, FIELDS.c.proto_id))}
+
+    def register_fields(self, fields: Iterable[tuple[str, str, str, Sequence[str]]]) -> None:
+        """Record (name, id, type, options) of custom fields that exist in Proto."""
+        rows = [{"name": n, "proto_id": i, "type": t, "select_options": list(o), "registered_at": utcnow()}
+                for n, i, t, o in fields]
+        with self.engine.begin() as conn:
+            _upsert(conn, FIELDS, rows, ["name"])
+
+    # -- dead letters ----------------------------------------------------------------------------
+
+    def add_dead_letter(
+        self,
+        key: str | None,
+        run_id: str | None,
+        payload: dict[str, Any],
+        error_class: str,
+        message: str,
+        http_status: int | None = None,
+        response_body: str | None = None,
+        attempts: int = 1,
+    ) -> int:
+        """Record a contact that failed for good; an open letter for the same key is updated."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            existing = None
+            if key is not None:
+                existing = conn.execute(
+                    sa.select(DEAD.c.id).where(DEAD.c.provided_unique_id == key, DEAD.c.state == "dead")
+                ).scalar()
+            values = {"run_id": run_id, "payload": payload, "error_class": error_class, "message": message[:2000],
+                      "http_status": http_status, "response_body": (response_body or None) and response_body[:2000],
+                      "last_failed_at": now}
+            if existing is not None:
+                conn.execute(DEAD.update().where(DEAD.c.id == existing)
+                             .values(attempts=DEAD.c.attempts + attempts, **values))
+                return int(existing)
+            result = conn.execute(DEAD.insert().values(provided_unique_id=key, attempts=attempts,
+                                                       first_failed_at=now, state="dead", **values))
+            return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    def dead_letters(
+        self, state: str | None = "dead", ids: Sequence[int] | None = None, error_class: str | None = None,
+        run_id: str | None = None, since: dt.datetime | None = None, limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Dead letters matching every filter given, oldest first."""
+        query = sa.select(DEAD).order_by(DEAD.c.id)
+        if state:
+            query = query.where(DEAD.c.state == state)
+        if ids:
+            query = query.where(DEAD.c.id.in_(list(ids)))
+        if error_class:
+            query = query.where(DEAD.c.error_class == error_class)
+        if run_id:
+            query = query.where(DEAD.c.run_id == run_id)
+        if since:
+            query = query.where(DEAD.c.last_failed_at >= since)
+        if limit:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def set_dead_letter_state(self, ids: Sequence[int], state: str, only_from: str | None = None) -> int:
+        """Mark dead letters replayed, resolved or discarded; returns how many changed."""
+        query = DEAD.update().where(DEAD.c.id.in_(list(ids)))
+        if only_from:
+            query = query.where(DEAD.c.state == only_from)
+        with self.engine.begin() as conn:
+            return int(conn.execute(query.values(state=state)).rowcount)
+
+    def resolve_dead_letters(self, key: str) -> None:
+        """A customer synced at last: its replayed or open letters are resolved."""
+        with self.engine.begin() as conn:
+            conn.execute(DEAD.update().where(DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"]))
+                         .values(state="resolved"))
+
+    # -- locks -----------------------------------------------------------------------------------
+
+    def acquire_lock(self, name: str, holder: str, ttl: float) -> bool:
+        """Take the lease `name` for `ttl` seconds unless someone else holds a live one."""
+        now = utcnow()
+        expires = now + dt.timedelta(seconds=ttl)
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                LOCKS.update().where(LOCKS.c.name == name, sa.or_(LOCKS.c.expires_at < now, LOCKS.c.holder == holder))
+                .values(holder=holder, expires_at=expires)
+            ).rowcount
+            if taken:
+                return True
+            try:
+                with conn.begin_nested():
+                    conn.execute(LOCKS.insert().values(name=name, holder=holder, expires_at=expires))
+                return True
+            except sa.exc.IntegrityError:
+                return False
+
+    def release_lock(self, name: str, holder: str) -> None:
+        """Give the lease back."""
+        with self.engine.begin() as conn:
+            conn.execute(LOCKS.delete().where(LOCKS.c.name == name, LOCKS.c.holder == holder))
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)

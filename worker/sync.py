@@ -1,0 +1,103 @@
+"""Syncing one customer: send the parts that changed, record what Proto now holds.
+
+A task message carries everything needed (the payload it was planned with), so a worker
+never queries the CRM. Running the same message twice sends nothing the second time:
+each part is compared with the hash recorded after its last successful call.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import Any
+
+from .contact import PARTS, Contact
+from .errors import PermanentError, ProtoError
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    """How a sync task ended."""
+
+    SYNCED = "synced"
+    SKIPPED = "skipped"
+    DEAD = "dead"
+
+
+def message(run_id: str, contact: Contact, *, was_dead: bool = False, force: bool = False) -> dict[str, Any]:
+    """The task message for `contact` planned by `run_id` (JSON primitives only).
+
+    `force` resends every part whatever Proto is recorded to hold.
+    """
+    return {"run_id": run_id, "contact": contact.to_payload(), "was_dead": was_dead, "force": force}
+
+
+def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
+    """Bring one Proto customer in line with the contact in `msg`."""
+    contact = Contact.from_payload(msg["contact"])
+    run_id = msg.get("run_id")
+    state = rt.store.lookup([contact.key]).get(contact.key)
+    if state and _older(contact.version, state.source_version):
+        # A newer version was synced after this task was planned: keep it.
+        rt.store.record_outcome(contact.key, run_id, "synced", _hashes(state), state.source_version)
+        return Outcome.SKIPPED
+    sent: dict[str, str | None] = {p: state.get(p) if state and not msg.get("force") else None for p in PARTS}
+    try:
+        for part in PARTS:
+            if contact.hashes[part] != sent[part]:
+                _send(rt, contact, part)
+                sent[part] = contact.hashes[part]
+    except ProtoError as exc:
+        _dead_letter(rt, msg, contact, run_id, sent, exc)
+        return Outcome.DEAD
+    rt.store.record_outcome(contact.key, run_id, "synced", sent, contact.version)
+    if msg.get("was_dead"):
+        rt.store.resolve_dead_letters(contact.key)
+    return Outcome.SYNCED
+
+
+def _send(rt: Runtime, contact: Contact, part: str) -> None:
+    """One API call for one part; an empty tag list or field set needs none."""
+    client = rt.client
+    if part == "profile":
+        client.upsert_customer(contact.key, contact.profile)
+    elif part == "tags" and contact.tags:
+        client.add_tags(contact.key, contact.tags)
+    elif part == "fields" and contact.fields:
+        values = []
+        for name, value in contact.fields.items():
+            field_id = rt.field_id(name)
+            if field_id is None:
+                raise PermanentError(f"custom field {name!r} is not registered; run `crmsync sync` to create it")
+            values.append((field_id, value))
+        client.add_custom_fields(contact.key, values)
+
+
+def _dead_letter(
+    rt: Runtime, msg: dict[str, Any], contact: Contact, run_id: str | None,
+    sent: dict[str, str | None], exc: ProtoError,
+) -> None:
+    error = rt.redact(str(exc))
+    log.warning("customer %s dead-lettered: %s", contact.key, error)
+    rt.store.record_outcome(contact.key, run_id, "dead", sent, None, error=error)
+    rt.store.add_dead_letter(
+        contact.key, run_id, msg["contact"], error_class=_error_class(exc), message=error,
+        http_status=exc.status, response_body=rt.redact(str(exc.body)) if exc.body is not None else None,
+    )
+
+
+def _error_class(exc: Exception) -> str:
+    """A stable, filterable name: the exception class, with the status when there is one."""
+    status = getattr(exc, "status", None)
+    return f"{type(exc).__name__}" + (f".{status}" if status else "")
+
+
+def _hashes(state: Any) -> dict[str, str | None]:
+    return {p: state.get(p) for p in PARTS}
+
+
+def _older(version: str | None, synced: str | None) -> bool:
+    """True when `version` is known to be older than the one already synced."""
+    return version is not None and synced is not None and version < synced

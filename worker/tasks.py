@@ -1,0 +1,27 @@
+"""Celery tasks: wiring only. Each calls a plain function of sync.py or jobs.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .celery_app import app
+from .jobs import plan_run, runtime
+from .sync import sync_contact
+
+
+@app.task(name="crmsync.sync_customer", acks_late=True, reject_on_worker_lost=True)
+def sync_customer(msg: dict[str, Any]) -> str:
+    """Sync one customer from the payload it was planned with."""
+    return sync_contact(runtime(), msg).value
+
+
+@app.task(name="crmsync.plan_full")
+def plan_full(force: bool = False) -> dict[str, Any]:
+    """Beat's nightly full sync."""
+    return plan_run("full", force=force)
+
+
+@app.task(name="crmsync.plan_incremental")
+def plan_incremental() -> dict[str, Any]:
+    """Beat's frequent incremental sync."""
+    return plan_run("incremental")
