@@ -13,20 +13,24 @@ from .settings import Settings, load_settings
 def create_app(settings: Settings) -> Celery:
     """A Celery app configured from `settings`."""
     app = Celery("crmsync", broker=settings.celery_broker_url, include=["worker.tasks"])
-    transport: dict[str, object] = {"visibility_timeout": settings.visibility_timeout}
+    transport: dict[str, object] = {}
+    # Redis keeps a task until a worker acknowledges it after running it, so a killed
+    # worker's tasks are delivered again; the embedded broker hides a message once taken
+    # and cannot, and its worker loop would only process late acks every 2 s.
+    acks_late = not settings.embedded_broker
     if settings.embedded_broker:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        transport["polling_interval"] = 0.1
+        app.conf.broker_transport = "worker.embedded_broker:EmbeddedTransport"
     else:
         # Consume queues in the order the worker lists them: priority before bulk.
-        transport["queue_order_strategy"] = "priority"
+        transport.update(visibility_timeout=settings.visibility_timeout, queue_order_strategy="priority")
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        task_acks_late=acks_late,
+        task_reject_on_worker_lost=acks_late,
+        worker_prefetch_multiplier=1 if acks_late else 8,
         task_default_queue=Queue.PRIORITY.value,
         task_queues=[KombuQueue(q.value) for q in Queue],
         broker_transport_options=transport,

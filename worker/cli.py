@@ -75,17 +75,30 @@ def cmd_sync(args: argparse.Namespace) -> int:
     rt = runtime()
     tick = _Ticker(args.json)
     result = plan_run(
-        args.kind, force=args.force, dry_run=args.dry_run,
-        progress=lambda c: tick(f"planning: read {c['read']}, to send {c['enqueued'] + 0}, unchanged {c['unchanged']}"),
+        args.kind,
+        force=args.force,
+        dry_run=args.dry_run,
+        progress=lambda c: tick(
+            f"planning: read {c['read']}, to send {c['enqueued'] + 0}, unchanged {c['unchanged']}"
+        ),
     )
     if args.dry_run or not args.wait or not result["counts"].get("enqueued"):
-        return _report(result, rt, args, run=rt.store.finish_run(result["run_id"]) if args.wait and result["run_id"] else None)
+        return _report(
+            result,
+            rt,
+            args,
+            run=rt.store.finish_run(result["run_id"]) if args.wait and result["run_id"] else None,
+        )
     return _see_through(result, rt, args, tick, embedded_worker, wait_for_run)
 
 
 def _see_through(
-    result: dict[str, Any], rt: Any, args: argparse.Namespace, tick: _Ticker,
-    embedded_worker: Callable[..., Any], wait_for_run: Callable[..., dict[str, Any]],
+    result: dict[str, Any],
+    rt: Any,
+    args: argparse.Namespace,
+    tick: _Ticker,
+    embedded_worker: Callable[..., Any],
+    wait_for_run: Callable[..., dict[str, Any]],
 ) -> int:
     total = result["counts"]["enqueued"]
 
@@ -113,14 +126,18 @@ def _report(result: dict[str, Any], rt: Any, args: argparse.Namespace, run: dict
         return 0
     c = result["counts"]
     what = "dry run" if getattr(args, "dry_run", False) else f"run {result['run_id']}"
-    print(f"{result['kind']} {what}: read {c.get('read', 0)}, new {c.get('new', 0)}, changed {c.get('changed', 0)}, "
-          f"unchanged {c.get('unchanged', 0)}, invalid {c.get('invalid', 0)}, deleted {c.get('deleted', 0)}, "
-          f"enqueued {c.get('enqueued', 0)}")
+    print(
+        f"{result['kind']} {what}: read {c.get('read', 0)}, new {c.get('new', 0)}, changed {c.get('changed', 0)}, "
+        f"unchanged {c.get('unchanged', 0)}, invalid {c.get('invalid', 0)}, deleted {c.get('deleted', 0)}, "
+        f"enqueued {c.get('enqueued', 0)}"
+    )
     parts = ", ".join(f"{p} {c.get('part_' + p, 0)}" for p in ("profile", "tags", "fields"))
     print(f"  parts to send: {parts}")
     if run:
-        print(f"  finished: synced {run.get('synced', 0)}, dead-lettered {run.get('dead', 0)}"
-              + (f" in {result['seconds']} s" if "seconds" in result else ""))
+        print(
+            f"  finished: synced {run.get('synced', 0)}, dead-lettered {run.get('dead', 0)}"
+            + (f" in {result['seconds']} s" if "seconds" in result else "")
+        )
     for item in result.get("preview", [])[:5] if getattr(args, "dry_run", False) else []:
         print(f"  {'new' if item['new'] else 'changed'} {item['key']}: {', '.join(item['parts'])}")
     return 0
@@ -134,9 +151,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = runtime().settings
     argv = [
-        "worker", "--pool", "threads", "--concurrency", str(args.concurrency or settings.worker_concurrency),
-        "--queues", ",".join(q.value for q in Queue), "--loglevel", args.loglevel,
-        "--hostname", f"crmsync-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(args.concurrency or settings.worker_concurrency),
+        "--queues",
+        ",".join(q.value for q in Queue),
+        "--loglevel",
+        args.loglevel,
+        "--hostname",
+        f"crmsync-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
     ]
     app.worker_main(argv)
     return 0
@@ -163,16 +190,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     by_class: dict[str, int] = {}
     for d in letters:
         by_class[d["error_class"]] = by_class.get(d["error_class"], 0) + 1
-    status = {"runs": runs, "customers": store.status_counts(), "dead_letters": by_class, "watermark": store.cursor()}
+    customers = store.status_counts()
+    watermark = store.cursor()
     if args.json:
-        _print_json(status)
+        _print_json({"runs": runs, "customers": customers, "dead_letters": by_class, "watermark": watermark})
         return 0
-    print(f"customers: {', '.join(f'{k} {v}' for k, v in sorted(status['customers'].items())) or 'none yet'}")
-    print(f"watermark: {status['watermark'] or 'none yet'}")
-    print(f"dead letters: {len(letters)}" + (f" ({', '.join(f'{k} {v}' for k, v in by_class.items())})" if by_class else ""))
+    print(f"customers: {', '.join(f'{k} {v}' for k, v in sorted(customers.items())) or 'none yet'}")
+    print(f"watermark: {watermark or 'none yet'}")
+    print(
+        f"dead letters: {len(letters)}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in by_class.items())})" if by_class else "")
+    )
     for r in runs:
-        print(f"  {r['id']} {r['kind']:<11} {r['status']:<9} started {r['started_at']:%Y-%m-%d %H:%M:%S} "
-              f"read {r['read']} enqueued {r['enqueued']} synced {r['synced']} dead {r['dead']}")
+        print(
+            f"  {r['id']} {r['kind']:<11} {r['status']:<9} started {r['started_at']:%Y-%m-%d %H:%M:%S} "
+            f"read {r['read']} enqueued {r['enqueued']} synced {r['synced']} dead {r['dead']}"
+        )
     return 0
 
 
@@ -184,22 +217,30 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     store = rt.store
     if args.action == "list":
         since = dt.datetime.fromisoformat(args.since) if args.since else None
-        letters = store.dead_letters(state=None if args.all_states else "dead", error_class=args.error_class,
-                                     run_id=args.run, since=since)
+        letters = store.dead_letters(
+            state=None if args.all_states else "dead",
+            error_class=args.error_class,
+            run_id=args.run,
+            since=since,
+        )
         if args.json:
             _print_json(letters)
             return 0
         if not letters:
             print("no dead letters")
         for d in letters:
-            print(f"{d['id']:>6}  {d['provided_unique_id'] or '(no key)':<24} {d['error_class']:<32} {d['message'][:90]}")
+            print(
+                f"{d['id']:>6}  {d['provided_unique_id'] or '(no key)':<24} {d['error_class']:<32} {d['message'][:90]}"
+            )
         return 0
     if args.action == "show":
         letters = store.dead_letters(state=None, ids=[int(i) for i in args.ids])
         if not letters:
             raise CrmsyncError(f"no dead letter with id {', '.join(args.ids)}")
         for d in letters:
-            _print_json(d) if args.json else print(json.dumps(d, default=_json_default, indent=2, ensure_ascii=False))
+            _print_json(d) if args.json else print(
+                json.dumps(d, default=_json_default, indent=2, ensure_ascii=False)
+            )
         return 0
     if args.action == "discard":
         if not args.ids and not args.all:
@@ -225,11 +266,20 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from .sandbox import SandboxConfig, serve
 
     config = SandboxConfig.from_env(
-        args.subcompany_id, args.token, rate_limit=args.rate_limit, fail_rate=args.fail_rate,
-        latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, drop_rate=args.drop_rate, burst=args.burst,
+        args.subcompany_id,
+        args.token,
+        rate_limit=args.rate_limit,
+        fail_rate=args.fail_rate,
+        latency_ms=args.latency_ms,
+        jitter_ms=args.jitter_ms,
+        drop_rate=args.drop_rate,
+        burst=args.burst,
     )
-    print(f"Proto sandbox on http://{args.host}:{args.port}/api/platform "
-          f"(sub-companies: {', '.join(config.tenants)}; rate limit {config.rate_limit:g}/s)", flush=True)
+    print(
+        f"Proto sandbox on http://{args.host}:{args.port}/api/platform "
+        f"(sub-companies: {', '.join(config.tenants)}; rate limit {config.rate_limit:g}/s)",
+        flush=True,
+    )
     serve(config, host=args.host, port=args.port)
     return 0
 
@@ -248,15 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from .settings import DEFAULT_RATE_LIMIT
 
-    p = argparse.ArgumentParser(prog="crmsync", description="Keep Proto AICX customers in step with a CRM database.")
+    p = argparse.ArgumentParser(
+        prog="crmsync", description="Keep Proto AICX customers in step with a CRM database."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("init", help="create or migrate the state database").set_defaults(func=cmd_init)
-    sub.add_parser("check", help="validate settings, mapping, source, state DB and Proto").set_defaults(func=cmd_check)
+    sub.add_parser("check", help="validate settings, mapping, source, state DB and Proto").set_defaults(
+        func=cmd_check
+    )
 
     s = sub.add_parser("sync", help="plan a sync run (and with --wait, see it through)")
     s.add_argument("kind", choices=["full", "incremental"])
-    s.add_argument("--dry-run", action="store_true", help="count what would be sent; call nothing, change nothing")
+    s.add_argument(
+        "--dry-run", action="store_true", help="count what would be sent; call nothing, change nothing"
+    )
     s.add_argument("--force", action="store_true", help="send every part of every contact, changed or not")
     s.add_argument("--wait", action="store_true", help="block until every contact is synced or dead-lettered")
     s.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
@@ -283,8 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--error-class", help="only letters of this error class")
     d.add_argument("--run", help="only letters of this run")
     d.add_argument("--since", help="only letters failed since this ISO time")
-    d.add_argument("--all-states", action="store_true", help="list replayed, resolved and discarded letters too")
-    d.add_argument("--as-recorded", action="store_true", help="resend the payload as recorded, not the CRM row")
+    d.add_argument(
+        "--all-states", action="store_true", help="list replayed, resolved and discarded letters too"
+    )
+    d.add_argument(
+        "--as-recorded", action="store_true", help="resend the payload as recorded, not the CRM row"
+    )
     d.add_argument("--wait", action="store_true", help="block until the replayed contacts are done")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_dlq, dry_run=False)
@@ -294,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--port", type=int, default=8700)
     sb.add_argument("--subcompany-id", help="accepted sub-company (default CRMSYNC_PROTO_SUBCOMPANY_ID)")
     sb.add_argument("--token", help="its bearer token (default CRMSYNC_PROTO_TOKEN)")
-    sb.add_argument("--rate-limit", type=float, default=DEFAULT_RATE_LIMIT, help="requests/s per sub-company (0: none)")
+    sb.add_argument(
+        "--rate-limit", type=float, default=DEFAULT_RATE_LIMIT, help="requests/s per sub-company (0: none)"
+    )
     sb.add_argument("--burst", type=int, help="requests allowed back to back (default: 100 ms worth)")
     sb.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 5xx")
     sb.add_argument("--drop-rate", type=float, default=0.0, help="share of connections dropped")
@@ -311,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `crmsync` command."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -51,6 +51,11 @@ class Contact:
         return {"profile": self.profile, "tags": self.tags, "fields": self.fields}[name]
 
 
+def payload_hash(contact: Contact) -> str:
+    """One hash of every part of a contact: what a dead-lettered attempt is remembered by."""
+    return content_hash(contact.hashes)
+
+
 def content_hash(value: Any) -> str:
     """A stable hash of JSON-able data."""
     blob = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -137,12 +142,12 @@ def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, valu
             return dt.date.fromisoformat(str(value).strip()[:10]).isoformat()
         except ValueError:
             raise bad from None
-    text = _text(value)
-    if spec_type == "select" and options is not None and text not in options:
+    as_text = _text(value)
+    if spec_type == "select" and options is not None and as_text not in options:
         raise InvalidRecord(
-            "field_option", f"custom field {name!r}: {text!r} is not one of {', '.join(options)}", name
+            "field_option", f"custom field {name!r}: {as_text!r} is not one of {', '.join(options)}", name
         )
-    return text
+    return as_text
 
 
 def build_contact(

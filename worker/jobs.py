@@ -72,7 +72,11 @@ def plan_lock(rt: Runtime, kind: str) -> Iterator[None]:
 
 
 def plan_run(
-    kind: str, *, force: bool = False, dry_run: bool = False, progress: Progress | None = None,
+    kind: str,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
     rt: Runtime | None = None,
 ) -> dict[str, Any]:
     """Plan a full or incremental run (under its lock); returns its summary."""
@@ -84,8 +88,12 @@ def plan_run(
 
 
 def replay(
-    ids: Sequence[int] = (), *, error_class: str | None = None, as_recorded: bool = False,
-    progress: Progress | None = None, rt: Runtime | None = None,
+    ids: Sequence[int] = (),
+    *,
+    error_class: str | None = None,
+    as_recorded: bool = False,
+    progress: Progress | None = None,
+    rt: Runtime | None = None,
 ) -> dict[str, Any]:
     """Replay dead letters: re-read their rows from the CRM (or resend them as recorded)."""
     rt = rt or runtime()
@@ -116,15 +124,20 @@ def _replay_as_recorded(rt: Runtime, letters: list[dict[str, Any]]) -> PlanResul
     assert result.run_id is not None
     contacts = [Contact.from_payload(d["payload"]) for d in letters if "key" in d["payload"]]
     rt.store.mark_queued(result.run_id, [(c.key, c.version) for c in contacts])
-    celery_enqueue(queue_for("replay"), [message(result.run_id, c, was_dead=True, force=True) for c in contacts])
+    celery_enqueue(
+        queue_for("replay"), [message(result.run_id, c, was_dead=True, force=True) for c in contacts]
+    )
     result.counts.update(read=len(contacts), enqueued=len(contacts))
     rt.store.update_run(result.run_id, status="running", enqueued=len(contacts), read=len(contacts))
     return result
 
 
 def wait_for_run(
-    rt: Runtime, run_id: str, on_progress: Callable[[dict[str, int]], None] | None = None,
-    alive: Callable[[], bool] = lambda: True, poll: float = 0.2,
+    rt: Runtime,
+    run_id: str,
+    on_progress: Callable[[dict[str, int]], None] | None = None,
+    alive: Callable[[], bool] = lambda: True,
+    poll: float = 0.2,
 ) -> dict[str, Any]:
     """Block until every customer of the run is synced or dead-lettered; returns the closed run."""
     while True:
@@ -150,7 +163,10 @@ def embedded_worker(rt: Runtime) -> Iterator[Callable[[], bool]]:
     rt.settings.data_dir.mkdir(parents=True, exist_ok=True)
     log: IO[bytes] = open(rt.settings.data_dir / "worker.log", "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "worker"], stdout=log, stderr=log, start_new_session=True,
+        [sys.executable, "-m", "worker.cli", "worker"],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
         env={**os.environ, "CRMSYNC_STATE_URL": rt.settings.state_url},
     )
     try:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .contact import PARTS, Contact
+from .contact import PARTS, Contact, payload_hash
 from .errors import InvalidRecord
 from .queues import Queue, queue_for
 from .runtime import Runtime
@@ -42,7 +42,12 @@ class PlanResult:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
-        return {"kind": self.kind, "run_id": self.run_id, "counts": dict(self.counts), "preview": self.preview}
+        return {
+            "kind": self.kind,
+            "run_id": self.run_id,
+            "counts": dict(self.counts),
+            "preview": self.preview,
+        }
 
 
 class Planner:
@@ -75,13 +80,22 @@ class Planner:
                     progress(result.counts)
         except Exception as exc:
             if result.run_id:
-                store.update_run(result.run_id, status="failed", finished_at=utcnow(), error=self.rt.redact(str(exc)))
+                store.update_run(
+                    result.run_id, status="failed", finished_at=utcnow(), error=self.rt.redact(str(exc))
+                )
             raise
         if result.run_id:
             c = result.counts
             store.update_run(
-                result.run_id, status="running", planned_at=utcnow(), read=c["read"], changed=c["changed"],
-                enqueued=c["enqueued"], unchanged=c["unchanged"], invalid=c["invalid"], deleted=c["deleted"],
+                result.run_id,
+                status="running",
+                planned_at=utcnow(),
+                read=c["read"],
+                changed=c["changed"],
+                enqueued=c["enqueued"],
+                unchanged=c["unchanged"],
+                invalid=c["invalid"],
+                deleted=c["deleted"],
             )
         return result
 
@@ -102,7 +116,9 @@ class Planner:
         for contact in page.contacts:
             synced = state.get(contact.key)
             parts = [p for p in PARTS if force or synced is None or contact.hashes[p] != synced.get(p)]
-            if not parts:
+            retry_dead = force or result.kind == "replay"
+            if not parts or (not retry_dead and synced and synced.failed_hash == payload_hash(contact)):
+                # Unchanged, or dead-lettered as it stands: only a change or a replay resends it.
                 counts["unchanged"] += 1
                 continue
             counts["new" if synced is None else "changed"] += 1
@@ -128,7 +144,10 @@ class Planner:
         for row in rows:
             err: InvalidRecord = row.error
             self.rt.store.add_dead_letter(
-                row.key, run_id, {"row": row.row}, error_class=f"InvalidRecord.{err.code}",
+                row.key,
+                run_id,
+                {"row": row.row},
+                error_class=f"InvalidRecord.{err.code}",
                 message=f"{err.field}: {err}" if err.field else str(err),
             )
         keyed = [r.key for r in rows if r.key is not None]

@@ -35,7 +35,9 @@ class Runtime:
             import redis
 
             s.require("proto_subcompany_id")
-            return RedisLimiter(redis.Redis.from_url(s.broker_url), str(s.proto_subcompany_id), s.rate_limit, s.rate_burst)
+            return RedisLimiter(
+                redis.Redis.from_url(s.broker_url), str(s.proto_subcompany_id), s.rate_limit, s.rate_burst
+            )
         return LocalLimiter(s.rate_limit, s.rate_burst)
 
     @cached_property
@@ -45,8 +47,12 @@ class Runtime:
         s.require("proto_subcompany_id", "proto_token")
         assert s.proto_token is not None and s.proto_subcompany_id is not None
         return ProtoClient(
-            s.proto_base_url, s.proto_subcompany_id, s.proto_token.get_secret_value(),
-            limiter=self.limiter, retry=RetryPolicy(max_attempts=s.max_attempts), timeout=s.request_timeout,
+            s.proto_base_url,
+            s.proto_subcompany_id,
+            s.proto_token.get_secret_value(),
+            limiter=self.limiter,
+            retry=RetryPolicy(max_attempts=s.max_attempts),
+            timeout=s.request_timeout,
         )
 
     def field_id(self, name: str) -> str | None:

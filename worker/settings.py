@@ -39,9 +39,7 @@ class Settings(BaseSettings):
     )
     rate_burst: int = Field(1, ge=1, description="Requests the limiter may send back to back.")
     request_timeout: float = Field(30.0, gt=0, description="Seconds before an API call times out.")
-    max_attempts: int = Field(
-        5, ge=1, description="Tries of one API call on errors (429s are not counted)."
-    )
+    max_attempts: int = Field(5, ge=1, description="Tries of one API call on errors (429s are not counted).")
     batch_size: int = Field(1000, ge=1, le=10000, description="Contacts read per source page.")
     lookback_seconds: float = Field(
         300.0, ge=0, description="Incremental syncs re-read this far behind the watermark."

@@ -11,7 +11,7 @@ import logging
 from enum import StrEnum
 from typing import Any
 
-from .contact import PARTS, Contact
+from .contact import PARTS, Contact, payload_hash
 from .errors import PermanentError, ProtoError
 from .runtime import Runtime
 
@@ -70,21 +70,34 @@ def _send(rt: Runtime, contact: Contact, part: str) -> None:
         for name, value in contact.fields.items():
             field_id = rt.field_id(name)
             if field_id is None:
-                raise PermanentError(f"custom field {name!r} is not registered; run `crmsync sync` to create it")
+                raise PermanentError(
+                    f"custom field {name!r} is not registered; run `crmsync sync` to create it"
+                )
             values.append((field_id, value))
         client.add_custom_fields(contact.key, values)
 
 
 def _dead_letter(
-    rt: Runtime, msg: dict[str, Any], contact: Contact, run_id: str | None,
-    sent: dict[str, str | None], exc: ProtoError,
+    rt: Runtime,
+    msg: dict[str, Any],
+    contact: Contact,
+    run_id: str | None,
+    sent: dict[str, str | None],
+    exc: ProtoError,
 ) -> None:
     error = rt.redact(str(exc))
     log.warning("customer %s dead-lettered: %s", contact.key, error)
-    rt.store.record_outcome(contact.key, run_id, "dead", sent, None, error=error)
+    rt.store.record_outcome(
+        contact.key, run_id, "dead", sent, None, error=error, failed_hash=payload_hash(contact)
+    )
     rt.store.add_dead_letter(
-        contact.key, run_id, msg["contact"], error_class=_error_class(exc), message=error,
-        http_status=exc.status, response_body=rt.redact(str(exc.body)) if exc.body is not None else None,
+        contact.key,
+        run_id,
+        msg["contact"],
+        error_class=_error_class(exc),
+        message=error,
+        http_status=exc.status,
+        response_body=rt.redact(str(exc.body)) if exc.body is not None else None,
     )
 
 

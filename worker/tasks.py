@@ -9,7 +9,7 @@ from .jobs import plan_run, runtime
 from .sync import sync_contact
 
 
-@app.task(name="crmsync.sync_customer", acks_late=True, reject_on_worker_lost=True)
+@app.task(name="crmsync.sync_customer")
 def sync_customer(msg: dict[str, Any]) -> str:
     """Sync one customer from the payload it was planned with."""
     return sync_contact(runtime(), msg).value

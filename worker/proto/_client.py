@@ -63,7 +63,9 @@ class ProtoClient:
 
     def upsert_customer(self, provided_unique_id: str, profile: dict[str, Any]) -> dict[str, Any]:
         """Create the customer, or update the one with this unique id (create-customer)."""
-        return self._call("upsert_customer", _wire.customer_body(profile), provided_unique_id=provided_unique_id)
+        return self._call(
+            "upsert_customer", _wire.customer_body(profile), provided_unique_id=provided_unique_id
+        )
 
     def get_customer(self, provided_unique_id: str) -> dict[str, Any]:
         """Everything Proto holds of a customer except custom-field values; NotFound-class 404."""
@@ -148,7 +150,9 @@ class ProtoClient:
             try:
                 return response.json() if response.content else {}
             except json.JSONDecodeError:
-                raise RetryableError(f"{route}: the answer was not JSON", status=response.status_code, route=route) from None
+                raise RetryableError(
+                    f"{route}: the answer was not JSON", status=response.status_code, route=route
+                ) from None
         raise self._error(route, response)
 
     def _error(self, route: str, response: httpx.Response) -> ProtoError:

@@ -34,7 +34,11 @@ class LocalLimiter:
     """An in-process GCRA limiter, shared by the threads of one process."""
 
     def __init__(
-        self, rate: float, burst: int = 1, *, clock: Callable[[], float] = time.monotonic,
+        self,
+        rate: float,
+        burst: int = 1,
+        *,
+        clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.interval = 1.0 / rate

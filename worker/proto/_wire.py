@@ -16,7 +16,7 @@ from urllib.parse import quote
 API_PREFIX = "/v1"
 
 # Route templates, relative to the base URL (which ends in /api/platform).
-# The keys double as the names the sandbox's /_sandbox/stats reports routes under.
+# The sandbox serves exactly these; its /_sandbox/stats names a route "METHOD template".
 ROUTES: dict[str, tuple[str, str]] = {
     "create_ticket": ("POST", "/v1/conversations/{subcompany_id}/create-ticket"),
     "get_customer": ("GET", "/v1/customers/{subcompany_id}/customer/{provided_unique_id}/get-customer"),
@@ -63,8 +63,14 @@ MAX_UNIQUE_ID_LENGTH = 255
 def path(route: str, subcompany_id: str, **params: str) -> str:
     """The URL path of `route`, with every parameter percent-encoded as one segment."""
     _, template = ROUTES[route]
-    encoded = {k: quote(v, safe="") for k, v in params.items()}
+    encoded = {k: _segment(v) for k, v in params.items()}
     return template.format(subcompany_id=quote(subcompany_id, safe=""), **encoded)
+
+
+def _segment(value: str) -> str:
+    """`value` as one path segment; "." and ".." are encoded too, or URL normalisation drops them."""
+    encoded = quote(value, safe="")
+    return encoded.replace(".", "%2E") if set(value) == {"."} else encoded
 
 
 def customer_body(profile: Mapping[str, Any]) -> dict[str, Any]:

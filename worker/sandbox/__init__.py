@@ -12,7 +12,7 @@ page is silent is listed in docs/proto-api.md.
 
 from .app import create_app
 from .config import API_BASE_PATH, DEFAULT_SUBCOMPANY_ID, DEFAULT_TOKEN, SandboxConfig
-from .server import running_sandbox, serve
+from .server import running_sandbox, sandbox_process, serve
 
 __all__ = [
     "API_BASE_PATH",
@@ -21,5 +21,6 @@ __all__ = [
     "SandboxConfig",
     "create_app",
     "running_sandbox",
+    "sandbox_process",
     "serve",
 ]

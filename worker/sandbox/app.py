@@ -384,9 +384,7 @@ def _api_router(state: SandboxState) -> APIRouter:
         """Open a ticket for the one customer identified; no idempotency key."""
         given = body.model_dump(exclude_none=True)
         if sum(1 for k in TICKET_CUSTOMER_IDS if k in given) != 1:
-            raise Invalid(
-                ("body",), f"give exactly one of {', '.join(TICKET_CUSTOMER_IDS)}", "value_error"
-            )
+            raise Invalid(("body",), f"give exactly one of {', '.join(TICKET_CUSTOMER_IDS)}", "value_error")
         return store.create_ticket(subcompany_id, given)
 
     return router

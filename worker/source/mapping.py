@@ -95,7 +95,9 @@ class Mapping(_Strict):
     def _known_fields(cls, v: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
         unknown = sorted(set(v) - set(PROFILE_FIELDS))
         if unknown:
-            raise ValueError(f"unknown Proto customer field {unknown[0]!r}; known: {', '.join(PROFILE_FIELDS)}")
+            raise ValueError(
+                f"unknown Proto customer field {unknown[0]!r}; known: {', '.join(PROFILE_FIELDS)}"
+            )
         return v
 
     @property
@@ -157,13 +159,19 @@ class LocatedMapping:
 
     def where(self, loc: tuple[str | int, ...]) -> str:
         """`file:line` of the deepest YAML node on `loc`."""
-        for end in range(len(loc), -1, -1):
-            if loc[:end] in self.lines:
-                return f"{self.path}:{self.lines[loc[:end]]}"
-        return self.path
+        return _where(self.lines, self.path, loc)
 
 
-def _node_lines(node: yaml.Node, prefix: tuple[str | int, ...], out: dict[tuple[str | int, ...], int]) -> None:
+def _where(lines: dict[tuple[str | int, ...], int], path: str, loc: tuple[str | int, ...]) -> str:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return f"{path}:{lines[loc[:end]]}"
+    return path
+
+
+def _node_lines(
+    node: yaml.Node, prefix: tuple[str | int, ...], out: dict[tuple[str | int, ...], int]
+) -> None:
     out[prefix] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
@@ -195,8 +203,7 @@ def parse_mapping(text: str, path: str = "<mapping>") -> LocatedMapping:
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[0].isupper()))
         dotted = ".".join(str(p) for p in loc) or "mapping"
         msg = err["msg"].removeprefix("Value error, ")
-        located = LocatedMapping(Mapping.model_construct(), lines, path)
-        raise ConfigError(f"{located.where(loc)}: {dotted}: {msg}") from None
+        raise ConfigError(f"{_where(lines, path, loc)}: {dotted}: {msg}") from None
     return LocatedMapping(mapping, lines, path)
 
 

@@ -82,9 +82,7 @@ class SourceReader:
 
     def _contacts_table(self) -> sa.Subquery:
         src = self.mapping.source
-        cols = [
-            sa.column(c, sa.DateTime()) if c == src.updated_at else sa.column(c) for c in self.columns()
-        ]
+        cols = [sa.column(c, sa.DateTime()) if c == src.updated_at else sa.column(c) for c in self.columns()]
         return sa.text(src.select_sql()).columns(*cols).subquery("src")
 
     # -- reading -------------------------------------------------------------------------------
@@ -106,7 +104,11 @@ class SourceReader:
         else:
             order = [key_col]
         after: tuple[Any, Any] | None = None
-        key_chunks = [list(keys[i : i + self.batch_size]) for i in range(0, len(keys), self.batch_size)] if keys else None
+        key_chunks = (
+            [list(keys[i : i + self.batch_size]) for i in range(0, len(keys), self.batch_size)]
+            if keys
+            else None
+        )
         while True:
             query = sa.select(table).order_by(*order).limit(self.batch_size)
             if key_chunks is not None:
@@ -143,7 +145,11 @@ class SourceReader:
         src = self.mapping.source
         page = Page()
         raw_keys = [r[src.key] for r in rows if r.get(src.key) is not None]
-        tags = self._side_rows(self.mapping.tags.query, raw_keys) if self.mapping.tags and self.mapping.tags.query else {}
+        tags = (
+            self._side_rows(self.mapping.tags.query, raw_keys)
+            if self.mapping.tags and self.mapping.tags.query
+            else {}
+        )
         fields: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         for query in self.mapping.field_queries:
             for k, vals in self._side_rows(query, raw_keys).items():
@@ -152,13 +158,17 @@ class SourceReader:
         for row in rows:
             if src.updated_at:
                 upd = row.get(src.updated_at)
-                if isinstance(upd, dt.datetime) and (page.max_updated is None or _later(upd, page.max_updated)):
+                if isinstance(upd, dt.datetime) and (
+                    page.max_updated is None or _later(upd, page.max_updated)
+                ):
                     page.max_updated = upd
             raw_key = row.get(src.key)
             skey = None if raw_key is None else str(raw_key)
             try:
                 if skey is not None and skey in seen:
-                    raise InvalidRecord("duplicate_key", f"key {skey!r} appears more than once in the source", "source.key")
+                    raise InvalidRecord(
+                        "duplicate_key", f"key {skey!r} appears more than once in the source", "source.key"
+                    )
                 contact = build_contact(
                     self.mapping,
                     row,
@@ -212,6 +222,10 @@ def _reason(exc: sa.exc.SQLAlchemyError) -> str:
 def source_engine(url: str) -> Engine:
     """An engine for the CRM database: read-only use, small pool, pre-ping."""
     try:
-        return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2) if not url.startswith("sqlite") else sa.create_engine(url)
+        return (
+            sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+            if not url.startswith("sqlite")
+            else sa.create_engine(url)
+        )
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise SourceError(f"CRMSYNC_SOURCE_URL is not a usable database URL: {exc}") from None

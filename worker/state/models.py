@@ -63,6 +63,8 @@ class CustomerSyncState(Base):
     profile_hash: Mapped[str | None] = mapped_column(sa.String(32))
     tags_hash: Mapped[str | None] = mapped_column(sa.String(32))
     fields_hash: Mapped[str | None] = mapped_column(sa.String(32))
+    # The payload hash of a dead-lettered attempt: the same payload is not retried by a run.
+    failed_hash: Mapped[str | None] = mapped_column(sa.String(32))
     source_version: Mapped[str | None] = mapped_column(sa.String(40))
     planned_version: Mapped[str | None] = mapped_column(sa.String(40))
     status: Mapped[str] = mapped_column(sa.String(16), default="queued", index=True)

@@ -6,25 +6,38 @@ a task reads one row and writes one row. Nothing here calls the API or the CRM.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from .models import CustomerSyncState, CustomFieldRecord, DeadLetter, Lock, SyncCursor, SyncRun, utcnow
 
-STATE = CustomerSyncState.__table__
-RUNS = SyncRun.__table__
-DEAD = DeadLetter.__table__
-CURSORS = SyncCursor.__table__
-FIELDS = CustomFieldRecord.__table__
-LOCKS = Lock.__table__
+STATE = cast(sa.Table, CustomerSyncState.__table__)
+RUNS = cast(sa.Table, SyncRun.__table__)
+DEAD = cast(sa.Table, DeadLetter.__table__)
+CURSORS = cast(sa.Table, SyncCursor.__table__)
+FIELDS = cast(sa.Table, CustomFieldRecord.__table__)
+LOCKS = cast(sa.Table, Lock.__table__)
 
-RUN_COUNTS = ("read", "changed", "enqueued", "unchanged", "invalid", "deleted", "synced", "skipped", "failed", "dead")
+RUN_COUNTS = (
+    "read",
+    "changed",
+    "enqueued",
+    "unchanged",
+    "invalid",
+    "deleted",
+    "synced",
+    "skipped",
+    "failed",
+    "dead",
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,7 @@ class PartHashes:
     fields: str | None
     source_version: str | None
     status: str
+    failed_hash: str | None
 
     def get(self, part: str) -> str | None:
         """The synced hash of `part` (profile, tags or fields)."""
@@ -75,6 +89,14 @@ class StateStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # SQLite takes one writer at a time and its busy handler sleeps in coarse steps:
+        # queueing this process's writers on a lock is much faster than letting them collide.
+        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+
+    @contextlib.contextmanager
+    def _begin(self) -> Iterator[sa.Connection]:
+        with self._write_lock or contextlib.nullcontext(), self.engine.begin() as conn:
+            yield conn
 
     # -- customers -------------------------------------------------------------------------------
 
@@ -82,11 +104,20 @@ class StateStore:
         """Synced hashes of the given customers, in one query per thousand keys."""
         keys = list(keys)
         out: dict[str, PartHashes] = {}
-        cols = [STATE.c.provided_unique_id, STATE.c.profile_hash, STATE.c.tags_hash, STATE.c.fields_hash,
-                STATE.c.source_version, STATE.c.status]
+        cols = [
+            STATE.c.provided_unique_id,
+            STATE.c.profile_hash,
+            STATE.c.tags_hash,
+            STATE.c.fields_hash,
+            STATE.c.source_version,
+            STATE.c.status,
+            STATE.c.failed_hash,
+        ]
         with self.engine.connect() as conn:
             for i in range(0, len(keys), 1000):
-                for row in conn.execute(sa.select(*cols).where(STATE.c.provided_unique_id.in_(keys[i : i + 1000]))):
+                for row in conn.execute(
+                    sa.select(*cols).where(STATE.c.provided_unique_id.in_(keys[i : i + 1000]))
+                ):
                     out[row[0]] = PartHashes(*row[1:])
         return out
 
@@ -94,11 +125,17 @@ class StateStore:
         """Mark (key, version) pairs queued by `run_id`, keeping what was synced before."""
         now = utcnow()
         rows = [
-            {"provided_unique_id": k, "planned_version": v, "status": "queued", "last_run_id": run_id,
-             "queued_at": now, "updated_at": now}
+            {
+                "provided_unique_id": k,
+                "planned_version": v,
+                "status": "queued",
+                "last_run_id": run_id,
+                "queued_at": now,
+                "updated_at": now,
+            }
             for k, v in planned
         ]
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             _upsert(conn, STATE, rows, ["provided_unique_id"])
 
     def record_outcome(
@@ -109,30 +146,46 @@ class StateStore:
         hashes: dict[str, str | None],
         source_version: str | None,
         error: str | None = None,
+        failed_hash: str | None = None,
     ) -> None:
         """Write the result of one sync task: the hashes now in Proto, the status, the error."""
         now = utcnow()
         values: dict[str, Any] = {
-            "status": status, "last_error": error, "updated_at": now,
-            "profile_hash": hashes.get("profile"), "tags_hash": hashes.get("tags"),
+            "status": status,
+            "last_error": error,
+            "updated_at": now,
+            "profile_hash": hashes.get("profile"),
+            "tags_hash": hashes.get("tags"),
             "fields_hash": hashes.get("fields"),
+            "failed_hash": failed_hash,
         }
         if status == "synced":
             values.update(source_version=source_version, synced_at=now)
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             updated = conn.execute(
-                STATE.update().where(STATE.c.provided_unique_id == key)
+                STATE.update()
+                .where(STATE.c.provided_unique_id == key)
                 .values(attempts=STATE.c.attempts + 1, **values)
             ).rowcount
             if not updated:
-                conn.execute(STATE.insert().values(provided_unique_id=key, last_run_id=run_id, attempts=1, **values))
+                conn.execute(
+                    STATE.insert().values(provided_unique_id=key, last_run_id=run_id, attempts=1, **values)
+                )
 
     def mark_dead(self, keys: Sequence[str], run_id: str, error: str) -> None:
         """Mark customers dead-lettered before any call was made (invalid rows)."""
         now = utcnow()
-        rows = [{"provided_unique_id": k, "status": "dead", "last_error": error[:2000], "last_run_id": run_id,
-                 "updated_at": now} for k in keys]
-        with self.engine.begin() as conn:
+        rows = [
+            {
+                "provided_unique_id": k,
+                "status": "dead",
+                "last_error": error[:2000],
+                "last_run_id": run_id,
+                "updated_at": now,
+            }
+            for k in keys
+        ]
+        with self._begin() as conn:
             _upsert(conn, STATE, rows, ["provided_unique_id"])
 
     def customer(self, key: str) -> dict[str, Any] | None:
@@ -144,20 +197,23 @@ class StateStore:
     def status_counts(self) -> dict[str, int]:
         """Customers by status."""
         with self.engine.connect() as conn:
-            return {s: n for s, n in conn.execute(sa.select(STATE.c.status, sa.func.count()).group_by(STATE.c.status))}
+            return {
+                s: n
+                for s, n in conn.execute(sa.select(STATE.c.status, sa.func.count()).group_by(STATE.c.status))
+            }
 
     # -- runs ------------------------------------------------------------------------------------
 
     def start_run(self, kind: str) -> str:
         """Open a run of `kind`; returns its id."""
         run_id = uuid.uuid4().hex[:16]
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(RUNS.insert().values(id=run_id, kind=kind, status="planning", started_at=utcnow()))
         return run_id
 
     def update_run(self, run_id: str, **values: Any) -> None:
         """Set columns of a run (counts, status, timestamps)."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(RUNS.update().where(RUNS.c.id == run_id).values(**values))
 
     def run(self, run_id: str) -> dict[str, Any] | None:
@@ -176,7 +232,9 @@ class StateStore:
         """Customers last planned by `run_id`, by status (queued, synced, failed, dead)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(STATE.c.status, sa.func.count()).where(STATE.c.last_run_id == run_id).group_by(STATE.c.status)
+                sa.select(STATE.c.status, sa.func.count())
+                .where(STATE.c.last_run_id == run_id)
+                .group_by(STATE.c.status)
             )
             return {status: n for status, n in rows}
 
@@ -184,8 +242,12 @@ class StateStore:
         """Close a run whose customers are all done, with its final counts."""
         progress = self.run_progress(run_id)
         self.update_run(
-            run_id, status="finished", finished_at=utcnow(), synced=progress.get("synced", 0),
-            failed=progress.get("failed", 0), dead=progress.get("dead", 0),
+            run_id,
+            status="finished",
+            finished_at=utcnow(),
+            synced=progress.get("synced", 0),
+            failed=progress.get("failed", 0),
+            dead=progress.get("dead", 0),
         )
         run = self.run(run_id)
         assert run is not None
@@ -204,7 +266,7 @@ class StateStore:
         current = self.cursor(source)
         if current is not None and _as_utc(dt.datetime.fromisoformat(current)) >= _as_utc(value):
             return
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             _upsert(conn, CURSORS, [{"source": source, "updated_at": text, "moved_at": utcnow()}], ["source"])
 
     # -- custom-field registry -------------------------------------------------------------------
@@ -216,9 +278,11 @@ class StateStore:
 
     def register_fields(self, fields: Iterable[tuple[str, str, str, Sequence[str]]]) -> None:
         """Record (name, id, type, options) of custom fields that exist in Proto."""
-        rows = [{"name": n, "proto_id": i, "type": t, "select_options": list(o), "registered_at": utcnow()}
-                for n, i, t, o in fields]
-        with self.engine.begin() as conn:
+        rows = [
+            {"name": n, "proto_id": i, "type": t, "select_options": list(o), "registered_at": utcnow()}
+            for n, i, t, o in fields
+        ]
+        with self._begin() as conn:
             _upsert(conn, FIELDS, rows, ["name"])
 
     # -- dead letters ----------------------------------------------------------------------------
@@ -236,26 +300,43 @@ class StateStore:
     ) -> int:
         """Record a contact that failed for good; an open letter for the same key is updated."""
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             existing = None
             if key is not None:
                 existing = conn.execute(
                     sa.select(DEAD.c.id).where(DEAD.c.provided_unique_id == key, DEAD.c.state == "dead")
                 ).scalar()
-            values = {"run_id": run_id, "payload": payload, "error_class": error_class, "message": message[:2000],
-                      "http_status": http_status, "response_body": (response_body or None) and response_body[:2000],
-                      "last_failed_at": now}
+            values = {
+                "run_id": run_id,
+                "payload": payload,
+                "error_class": error_class,
+                "message": message[:2000],
+                "http_status": http_status,
+                "response_body": (response_body or None) and response_body[:2000],
+                "last_failed_at": now,
+            }
             if existing is not None:
-                conn.execute(DEAD.update().where(DEAD.c.id == existing)
-                             .values(attempts=DEAD.c.attempts + attempts, **values))
+                conn.execute(
+                    DEAD.update()
+                    .where(DEAD.c.id == existing)
+                    .values(attempts=DEAD.c.attempts + attempts, **values)
+                )
                 return int(existing)
-            result = conn.execute(DEAD.insert().values(provided_unique_id=key, attempts=attempts,
-                                                       first_failed_at=now, state="dead", **values))
+            result = conn.execute(
+                DEAD.insert().values(
+                    provided_unique_id=key, attempts=attempts, first_failed_at=now, state="dead", **values
+                )
+            )
             return int(result.inserted_primary_key[0])  # type: ignore[index]
 
     def dead_letters(
-        self, state: str | None = "dead", ids: Sequence[int] | None = None, error_class: str | None = None,
-        run_id: str | None = None, since: dt.datetime | None = None, limit: int | None = None,
+        self,
+        state: str | None = "dead",
+        ids: Sequence[int] | None = None,
+        error_class: str | None = None,
+        run_id: str | None = None,
+        since: dt.datetime | None = None,
+        limit: int | None = None,
     ) -> list[dict[str, Any]]:
         """Dead letters matching every filter given, oldest first."""
         query = sa.select(DEAD).order_by(DEAD.c.id)
@@ -279,14 +360,17 @@ class StateStore:
         query = DEAD.update().where(DEAD.c.id.in_(list(ids)))
         if only_from:
             query = query.where(DEAD.c.state == only_from)
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             return int(conn.execute(query.values(state=state)).rowcount)
 
     def resolve_dead_letters(self, key: str) -> None:
         """A customer synced at last: its replayed or open letters are resolved."""
-        with self.engine.begin() as conn:
-            conn.execute(DEAD.update().where(DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"]))
-                         .values(state="resolved"))
+        with self._begin() as conn:
+            conn.execute(
+                DEAD.update()
+                .where(DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"]))
+                .values(state="resolved")
+            )
 
     # -- locks -----------------------------------------------------------------------------------
 
@@ -294,9 +378,10 @@ class StateStore:
         """Take the lease `name` for `ttl` seconds unless someone else holds a live one."""
         now = utcnow()
         expires = now + dt.timedelta(seconds=ttl)
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             taken = conn.execute(
-                LOCKS.update().where(LOCKS.c.name == name, sa.or_(LOCKS.c.expires_at < now, LOCKS.c.holder == holder))
+                LOCKS.update()
+                .where(LOCKS.c.name == name, sa.or_(LOCKS.c.expires_at < now, LOCKS.c.holder == holder))
                 .values(holder=holder, expires_at=expires)
             ).rowcount
             if taken:
@@ -310,7 +395,7 @@ class StateStore:
 
     def release_lock(self, name: str, holder: str) -> None:
         """Give the lease back."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(LOCKS.delete().where(LOCKS.c.name == name, LOCKS.c.holder == holder))
 
 
