@@ -22,7 +22,7 @@ PG_ADMIN = os.environ.get("CRMSYNC_TEST_PG", "postgresql+psycopg://postgres@127.
 MARIADB_ADMIN = os.environ.get("CRMSYNC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/")
 REDIS_URL = os.environ.get("CRMSYNC_TEST_REDIS", "redis://127.0.0.1:6379/13")
 SUBCOMPANY = DEFAULT_SUBCOMPANY_ID
-TOKEN = "test-secret-" + uuid.uuid4().hex[:12]
+TOKEN = "test-secret-5c1e0d7a9b"  # a constant: `conftest` and `tests.conftest` are two imports
 
 DIALECTS = ["sqlite", "postgresql", "mariadb"]
 

@@ -94,8 +94,12 @@ def replay(
     as_recorded: bool = False,
     progress: Progress | None = None,
     rt: Runtime | None = None,
+    using: Planner | None = None,
 ) -> dict[str, Any]:
-    """Replay dead letters: re-read their rows from the CRM (or resend them as recorded)."""
+    """Replay dead letters: re-read their rows from the CRM (or resend them as recorded).
+
+    `using` is the planner that re-reads them (default: one for the configured source).
+    """
     rt = rt or runtime()
     letters = rt.store.dead_letters(state="dead", ids=ids or None, error_class=error_class)
     if not letters:
@@ -105,7 +109,7 @@ def replay(
         result = _replay_as_recorded(rt, letters)
     else:
         with plan_lock(rt, "replay"):
-            result = planner(rt).plan("replay", keys=keys, progress=progress)
+            result = (using or planner(rt)).plan("replay", keys=keys, progress=progress)
     replayed = []
     for letter in letters:
         row = rt.store.customer(str(letter["provided_unique_id"])) if letter["provided_unique_id"] else None

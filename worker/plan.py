@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 Enqueue = Callable[[Queue, list[dict[str, Any]]], None]
 Progress = Callable[[Counter[str]], None]
 PREVIEW = 10
+COUNTS = ("read", "new", "changed", "unchanged", "invalid", "deleted", "enqueued",
+          "part_profile", "part_tags", "part_fields")
 
 
 @dataclass
@@ -41,13 +43,9 @@ class PlanResult:
     preview: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready summary."""
-        return {
-            "kind": self.kind,
-            "run_id": self.run_id,
-            "counts": dict(self.counts),
-            "preview": self.preview,
-        }
+        """JSON-ready summary; every standard count is present, zero or not."""
+        counts = {k: self.counts[k] for k in COUNTS} | dict(self.counts)
+        return {"kind": self.kind, "run_id": self.run_id, "counts": counts, "preview": self.preview}
 
 
 class Planner:

@@ -37,7 +37,7 @@ class RetryPolicy:
         `retry_ticket=False` retries only what surely never reached the API (429,
         connection refused): a POST without an idempotency key must not be sent twice.
         """
-        backoff = tenacity.wait_exponential_jitter(initial=self.initial_backoff, max=self.max_backoff)
+        backoff = tenacity.wait_exponential_jitter(multiplier=self.initial_backoff, max=self.max_backoff)
         # One Retrying per call, so these tallies are the call's own; `stop` runs once per failure.
         tally = {"errors": 0, "limited": 0}
 

@@ -1,0 +1,211 @@
+"""Planner and sync task together, in-process (no Celery), against the sandbox over HTTP.
+
+The state DB runs on SQLite and PostgreSQL; what is asserted is what the sandbox received
+and what the state table holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import SUBCOMPANY, TOKEN, Sandbox
+from tests.crm import MAPPING, add_tag, contact_row, contacts, make_crm, touch, write_mapping
+from worker.jobs import planner
+from worker.queues import Queue
+from worker.runtime import Runtime
+from worker.settings import Settings
+from worker.sync import Outcome, sync_contact
+
+LATER = dt.datetime(2026, 6, 1)
+
+
+class Harness:
+    """A Runtime on the sandbox, a planner whose queue is a list, and a way to drain it."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.queued: list[tuple[Queue, dict[str, Any]]] = []
+        self.planner = planner(rt)
+        self.planner.enqueue = lambda q, msgs: self.queued.extend((q, m) for m in msgs)
+
+    def plan(self, kind: str = "full", **kw: Any) -> dict[str, Any]:
+        return self.planner.plan(kind, **kw).as_dict()
+
+    def drain(self) -> list[Outcome]:
+        outcomes = [sync_contact(self.rt, m) for _, m in self.queued]
+        self.queued.clear()
+        return outcomes
+
+    def sync(self, kind: str = "full", **kw: Any) -> dict[str, Any]:
+        result = self.plan(kind, **kw)
+        self.drain()
+        return result
+
+
+@pytest.fixture
+def harness(sandbox: Sandbox, state_url: str, tmp_path: Path) -> Harness:
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    make_crm(crm, 30)
+    settings = Settings(
+        source_url=crm, state_url=state_url, mapping=write_mapping(tmp_path), proto_base_url=sandbox.base_url,
+        proto_subcompany_id=SUBCOMPANY, proto_token=TOKEN, rate_limit=1000, batch_size=7, lookback_seconds=5,
+    )
+    return Harness(Runtime(settings))
+
+
+def crm_engine(h: Harness) -> sa.Engine:
+    return h.planner.reader.engine
+
+
+def test_full_sync_creates_every_customer_with_tags_and_fields(harness: Harness, sandbox: Sandbox) -> None:
+    result = harness.sync()
+    customers = sandbox.customers()
+    assert result["counts"]["new"] == 30 and len(customers) == 30
+    c8 = customers["C00008"]
+    row = contact_row(8)
+    assert c8["name"] == "Ada Test8" and c8["email"] == row["email1"] and c8["location"] is None
+    assert sorted(c8["tags"]) == ["newsletter", "vip"]
+    assert c8["custom_fields"] == {"lifetime_value": 80.5, "plan": "enterprise", "vip": False}
+    assert harness.rt.store.status_counts() == {"synced": 30}
+
+
+def test_new_contact_costs_one_call_per_non_empty_part(harness: Harness, sandbox: Sandbox) -> None:
+    harness.sync()
+    by_route = sandbox.stats()["by_route"]
+    upserts = sum(by_route["PUT /v1/customers/{subcompany_id}/create-customer/{provided_unique_id}"].values())
+    tags = sum(by_route["PUT /v1/customers/{subcompany_id}/customer/{provided_unique_id}/add-tags"].values())
+    assert upserts == 30
+    assert tags == 20  # one contact in three has no tag: no call for an empty part
+
+
+def test_unchanged_rerun_makes_no_calls(harness: Harness, sandbox: Sandbox) -> None:
+    harness.sync()
+    before = sandbox.calls()
+    result = harness.sync()
+    assert result["counts"]["unchanged"] == 30 and result["counts"]["enqueued"] == 0
+    assert sandbox.calls() == before
+
+
+def test_profile_only_change_costs_one_call(harness: Harness, sandbox: Sandbox) -> None:
+    harness.sync()
+    touch(crm_engine(harness), ["C00003", "C00004"], LATER, last_name="Renamed")
+    before = sandbox.calls()
+    result = harness.sync("incremental")
+    assert result["counts"]["part_profile"] == 2 and result["counts"].get("part_tags", 0) == 0
+    assert sandbox.calls() - before == 2
+    assert sandbox.customers()["C00003"]["name"] == "Ada Renamed"
+
+
+def test_tags_only_change_costs_one_call(harness: Harness, sandbox: Sandbox) -> None:
+    harness.sync()
+    add_tag(crm_engine(harness), "C00005", "touched", LATER)
+    before = sandbox.calls()
+    harness.sync("incremental")
+    assert sandbox.calls() - before == 1
+    assert "touched" in sandbox.customers()["C00005"]["tags"]
+
+
+def test_running_the_same_task_twice_sends_nothing_the_second_time(harness: Harness, sandbox: Sandbox) -> None:
+    harness.plan()
+    messages = list(harness.queued)
+    harness.drain()
+    before = sandbox.calls()
+    assert all(sync_contact(harness.rt, m) is Outcome.SYNCED for _, m in messages)
+    assert sandbox.calls() == before
+
+
+def test_older_version_never_overwrites_newer(harness: Harness, sandbox: Sandbox) -> None:
+    harness.plan()
+    stale = [m for _, m in harness.queued if m["contact"]["key"] == "C00001"][0]
+    harness.drain()
+    touch(crm_engine(harness), ["C00001"], LATER, last_name="Newer")
+    harness.sync("incremental")
+    assert sync_contact(harness.rt, stale) is Outcome.SKIPPED
+    assert sandbox.customers()["C00001"]["name"] == "Ada Newer"
+
+
+def test_incremental_reads_only_from_the_watermark_minus_lookback(harness: Harness) -> None:
+    harness.sync()
+    touch(crm_engine(harness), ["C00002"], LATER, city="Osaka")
+    result = harness.sync("incremental")
+    # The 5 s lookback re-reads the last rows of the full sync: read, but not resent.
+    assert result["counts"]["enqueued"] == 1
+    assert result["counts"]["read"] < 30
+
+
+def test_dry_run_calls_nothing_and_changes_no_state(harness: Harness, sandbox: Sandbox) -> None:
+    result = harness.plan(dry_run=True)
+    assert result["counts"]["new"] == 30 and result["run_id"] is None
+    assert harness.queued == [] and sandbox.calls() == 0
+    assert harness.rt.store.status_counts() == {} and harness.rt.store.runs() == []
+
+
+def test_force_resends_every_part(harness: Harness, sandbox: Sandbox) -> None:
+    harness.sync()
+    before = sandbox.calls()
+    result = harness.sync(force=True)
+    assert result["counts"]["enqueued"] == 30
+    assert sandbox.calls() - before == 30 + 20 + 30
+
+
+def test_rejected_contact_is_dead_lettered_with_its_cause_and_the_rest_syncs(
+    harness: Harness, sandbox: Sandbox
+) -> None:
+    with crm_engine(harness).begin() as conn:
+        conn.execute(contacts.update().where(contacts.c.id == "C00009").values(email1="not-an-email"))
+    harness.sync()
+    letters = harness.rt.store.dead_letters()
+    assert [d["provided_unique_id"] for d in letters] == ["C00009"]
+    assert letters[0]["http_status"] == 422 and "email" in letters[0]["message"]
+    assert TOKEN not in str(letters[0])
+    assert len(sandbox.customers()) == 29
+    assert harness.rt.store.customer("C00009")["status"] == "dead"
+
+
+def test_dead_contact_is_not_resent_until_it_changes(harness: Harness, sandbox: Sandbox) -> None:
+    touch(crm_engine(harness), ["C00009"], dt.datetime(2026, 1, 1), email1="bad")
+    harness.sync()
+    before = sandbox.calls()
+    harness.sync()
+    assert sandbox.calls() == before
+    touch(crm_engine(harness), ["C00009"], LATER, email1="fixed@example.org")
+    harness.sync()
+    assert "C00009" in sandbox.customers()
+    assert harness.rt.store.dead_letters() == []  # resolved once synced
+
+
+def test_replay_after_the_crm_row_is_fixed_syncs_it(harness: Harness, sandbox: Sandbox) -> None:
+    from worker.jobs import replay
+
+    touch(crm_engine(harness), ["C00011"], dt.datetime(2026, 1, 1), email1="nope")
+    harness.sync()
+    touch(crm_engine(harness), ["C00011"], dt.datetime(2026, 1, 1), email1="c11@example.org")
+    summary = replay(rt=harness.rt, using=harness.planner)
+    assert summary["counts"]["replayed"] == 1
+    assert [q for q, _ in harness.queued] == [Queue.PRIORITY]
+    harness.drain()
+    assert sandbox.customers()["C00011"]["email"] == "c11@example.org"
+    assert harness.rt.store.dead_letters(state="resolved")[0]["provided_unique_id"] == "C00011"
+
+
+def test_invalid_rows_are_dead_lettered_before_any_call(sandbox: Sandbox, sqlite_state: str, tmp_path: Path) -> None:
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    make_crm(crm, 5)
+    engine = sa.create_engine(crm)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE loose AS SELECT * FROM contacts"))
+        conn.execute(sa.text("UPDATE loose SET id = NULL WHERE id = 'C00001'"))
+        conn.execute(sa.text("UPDATE loose SET ltv = 'lots' WHERE id = 'C00002'"))
+    mapping = write_mapping(tmp_path, MAPPING.replace("table: contacts", "table: loose"))
+    settings = Settings(source_url=crm, state_url=sqlite_state, mapping=mapping, proto_base_url=sandbox.base_url,
+                        proto_subcompany_id=SUBCOMPANY, proto_token=TOKEN, rate_limit=1000)
+    h = Harness(Runtime(settings))
+    result = h.sync()
+    assert result["counts"]["invalid"] == 2 and len(sandbox.customers()) == 3
+    classes = sorted(d["error_class"] for d in h.rt.store.dead_letters())
+    assert classes == ["InvalidRecord.field_type", "InvalidRecord.missing_key"]
