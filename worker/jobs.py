@@ -81,10 +81,11 @@ def plan_run(
 ) -> dict[str, Any]:
     """Plan a full or incremental run (under its lock); returns its summary."""
     rt = rt or runtime()
+    plan = planner(rt)
     if dry_run:
-        return planner(rt).plan(kind, force=force, dry_run=True, progress=progress).as_dict()
+        return plan.plan(kind, force=force, dry_run=True, progress=progress).as_dict()
     with plan_lock(rt, kind):
-        return planner(rt).plan(kind, force=force, progress=progress).as_dict()
+        return plan.plan(kind, force=force, progress=progress).as_dict()
 
 
 def replay(

@@ -8,9 +8,12 @@ from __future__ import annotations
 import threading
 from functools import cached_property
 
+import sqlalchemy as sa
+
 from .proto import Limiter, LocalLimiter, ProtoClient, RedisLimiter, RetryPolicy
 from .settings import Settings
-from .state.db import state_engine
+from .errors import ConfigError
+from .state.db import schema_is_current, state_engine
 from .state.store import StateStore
 
 
@@ -24,8 +27,16 @@ class Runtime:
 
     @cached_property
     def store(self) -> StateStore:
-        """The state database."""
-        return StateStore(state_engine(self.settings.state_url))
+        """The state database, checked once to be at the latest migration."""
+        engine = state_engine(self.settings.state_url)
+        try:
+            current = schema_is_current(engine)
+        except sa.exc.SQLAlchemyError as exc:
+            raise ConfigError(f"setting CRMSYNC_STATE_URL: cannot use the state database ({_first_line(exc)})") from None
+        if not current:
+            where = engine.url.render_as_string(hide_password=True)
+            raise ConfigError(f"the state database {where} is not initialised or not up to date: run `crmsync init`")
+        return StateStore(engine)
 
     @cached_property
     def limiter(self) -> Limiter:
@@ -66,3 +77,8 @@ class Runtime:
         """`text` without the bearer token."""
         token = self.settings.proto_token
         return text.replace(token.get_secret_value(), "[REDACTED]") if token else text
+
+
+def _first_line(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).strip().splitlines()[0][:200]

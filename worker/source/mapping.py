@@ -21,6 +21,14 @@ FieldType = Literal["text", "number", "toggle", "select", "date"]
 assert set(FieldType.__args__) == set(FIELD_TYPES)  # type: ignore[attr-defined]
 
 
+class _FaultAt(ValueError):
+    """A validation error whose fault lies below the field validated: `loc` extends its location."""
+
+    def __init__(self, message: str, *loc: str | int) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -95,8 +103,9 @@ class Mapping(_Strict):
     def _known_fields(cls, v: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
         unknown = sorted(set(v) - set(PROFILE_FIELDS))
         if unknown:
-            raise ValueError(
-                f"unknown Proto customer field {unknown[0]!r}; known: {', '.join(PROFILE_FIELDS)}"
+            raise _FaultAt(
+                f"unknown Proto customer field {unknown[0]!r}; known: {', '.join(PROFILE_FIELDS)}",
+                unknown[0],
             )
         return v
 
@@ -200,7 +209,10 @@ def parse_mapping(text: str, path: str = "<mapping>") -> LocatedMapping:
         mapping = Mapping.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[0].isupper()))
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper()))
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _FaultAt):
+            loc += cause.loc
         dotted = ".".join(str(p) for p in loc) or "mapping"
         msg = err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{_where(lines, path, loc)}: {dotted}: {msg}") from None
