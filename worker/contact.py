@@ -99,35 +99,44 @@ def _text(value: Any) -> str | None:
         return None
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
-    if isinstance(value, Decimal):
+    if isinstance(value, Decimal) and value.is_finite():
         value = int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     return str(value)
+
+
+def _flag(value: Any) -> bool:
+    """A CRM deleted flag: truthy, except the text of a false toggle ("0", "false", "no", "")."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = (_text(value) or "").strip().lower()
+    return bool(text) and text not in _FALSE
 
 
 def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, value: Any) -> Any:
     """A CRM value as the JSON value of a custom field of `spec_type`, or InvalidRecord."""
     if value is None:
         return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
     bad = InvalidRecord(
         "field_type", f"custom field {name!r} ({spec_type}) cannot hold {str(value)[:60]!r}", name
     )
     if spec_type == "number":
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, int | float | Decimal):
-            number = float(value)
-        else:
-            try:
-                number = float(str(value).strip())
-            except ValueError:
-                raise bad from None
+        try:
+            number = float(value) if isinstance(value, int | float | Decimal) else float(str(value).strip())
+        except ValueError:  # text, or a signalling NaN
+            raise bad from None
         if number != number or number in (float("inf"), float("-inf")):
             raise bad
         return int(number) if number.is_integer() and abs(number) < 2**53 else number
     if spec_type == "toggle":
         if isinstance(value, bool):
             return value
-        text = str(value).strip().lower()
+        text = str(_text(value)).strip().lower()
         if text in _TRUE:
             return True
         if text in _FALSE:
@@ -153,7 +162,7 @@ def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, valu
 def build_contact(
     mapping: Mapping,
     row: AbcMapping[str, Any],
-    tags: list[str] | None = None,
+    tags: list[Any] | None = None,
     extra_fields: list[tuple[str, Any]] | None = None,
 ) -> Contact:
     """Turn one source row (with its queried tags and fields) into a Contact.
@@ -167,12 +176,12 @@ def build_contact(
         if isinstance(cols, str):
             profile[name] = _text(row.get(cols))
         else:
-            words = [t for t in (_text(row.get(c)) for c in cols) if t and t.strip()]
+            words = [t.strip() for t in (_text(row.get(c)) for c in cols) if t and t.strip()]
             profile[name] = " ".join(words) or None
     if mapping.tags and mapping.tags.column:
         raw = _text(row.get(mapping.tags.column)) or ""
         tags = [t.strip() for t in raw.split(mapping.tags.separator)]
-    tag_list = sorted({t for t in (tags or []) if t})
+    tag_list = sorted({t for t in ((_text(t) or "").strip() for t in tags or []) if t})
     values: dict[str, Any] = {}
     for spec in mapping.column_fields:
         assert spec.name and spec.column
@@ -180,7 +189,7 @@ def build_contact(
     for name, value in extra_fields or []:
         values[name] = field_value(mapping.query_field_type(name), None, name, value)
     fields = {k: v for k, v in values.items() if v is not None}
-    deleted = bool(row.get(src.deleted)) if src.deleted else False
+    deleted = _flag(row.get(src.deleted)) if src.deleted else False
     hashes = {
         "profile": content_hash(profile),
         "tags": content_hash(tag_list),

@@ -172,7 +172,7 @@ class SourceReader:
                 contact = build_contact(
                     self.mapping,
                     row,
-                    tags=[str(t[0]) for t in tags.get(skey or "", []) if t[0] is not None],
+                    tags=[t[0] for t in tags.get(skey or "", []) if t[0] is not None],
                     extra_fields=[(str(n), v) for n, v in fields.get(skey or "", [])],
                 )
             except InvalidRecord as exc:
