@@ -31,7 +31,8 @@ custom_fields:
 BASE_TIME = dt.datetime(2026, 1, 1)
 md = sa.MetaData()
 contacts = sa.Table(
-    "contacts", md,
+    "contacts",
+    md,
     sa.Column("id", sa.String(40), primary_key=True),
     sa.Column("first_name", sa.String(60)),
     sa.Column("last_name", sa.String(60)),
@@ -45,7 +46,8 @@ contacts = sa.Table(
     sa.Column("deleted", sa.Integer, default=0),
 )
 contact_tags = sa.Table(
-    "contact_tags", md,
+    "contact_tags",
+    md,
     sa.Column("contact_id", sa.String(40), index=True),
     sa.Column("tag_name", sa.String(60)),
 )
@@ -54,10 +56,17 @@ contact_tags = sa.Table(
 def contact_row(i: int, **overrides: Any) -> dict[str, Any]:
     """Contact number `i`, valid unless overridden."""
     row = dict(
-        id=f"C{i:05d}", first_name="Ada", last_name=f"Test{i}", email1=f"c{i}@example.org",
-        phone_work=f"+1 555 {i:07d}", city=["Kigali", "Lyon", None][i % 3], ltv=i * 10 + 0.5,
-        plan=["free", "pro", "enterprise"][i % 3], is_vip=i % 2,
-        date_modified=BASE_TIME + dt.timedelta(seconds=i), deleted=0,
+        id=f"C{i:05d}",
+        first_name="Ada",
+        last_name=f"Test{i}",
+        email1=f"c{i}@example.org",
+        phone_work=f"+1 555 {i:07d}",
+        city=["Kigali", "Lyon", None][i % 3],
+        ltv=i * 10 + 0.5,
+        plan=["free", "pro", "enterprise"][i % 3],
+        is_vip=i % 2,
+        date_modified=BASE_TIME + dt.timedelta(seconds=i),
+        deleted=0,
     )
     row.update(overrides)
     return row
@@ -70,8 +79,11 @@ def make_crm(url: str, n: int, tags_per_contact: int = 2) -> sa.Engine:
     md.create_all(engine)
     with engine.begin() as conn:
         conn.execute(contacts.insert(), [contact_row(i) for i in range(n)])
-        tags = [{"contact_id": f"C{i:05d}", "tag_name": t}
-                for i in range(n) for t in ["vip", "newsletter", "beta"][: (i % (tags_per_contact + 1))]]
+        tags = [
+            {"contact_id": f"C{i:05d}", "tag_name": t}
+            for i in range(n)
+            for t in ["vip", "newsletter", "beta"][: (i % (tags_per_contact + 1))]
+        ]
         if tags:
             conn.execute(contact_tags.insert(), tags)
     return engine
@@ -100,6 +112,9 @@ def add_tag(engine: sa.Engine, contact_id: str, tag: str, at: dt.datetime) -> No
 def expected_customer(row: dict[str, Any], tags: list[str]) -> dict[str, Any]:
     """What the sandbox should hold for a contact row."""
     return {
-        "name": f"{row['first_name']} {row['last_name']}", "email": row["email1"],
-        "phone_number": row["phone_work"], "location": row["city"], "tags": sorted(tags),
+        "name": f"{row['first_name']} {row['last_name']}",
+        "email": row["email1"],
+        "phone_number": row["phone_work"],
+        "location": row["city"],
+        "tags": sorted(tags),
     }

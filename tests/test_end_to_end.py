@@ -44,8 +44,15 @@ def workers(crm_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     def start(n: int = 1) -> None:
         for _ in range(n):
             log = open(tmp_path / f"worker-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
-            procs.append(subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--concurrency", "4"],
-                                          env=crm_env, stdout=log, stderr=log, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "worker.cli", "worker", "--concurrency", "4"],
+                    env=crm_env,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
+            )
 
     yield start
     for p in procs:
@@ -70,8 +77,12 @@ def test_full_sync_on_redis_and_postgresql_reaches_proto_exactly(
         engine = make_crm(source_url, 40)
         with engine.begin() as conn:  # one contact the API rejects
             conn.execute(contacts.update().where(contacts.c.id == "C00013").values(email1="nope"))
-        crm_env.update(CRMSYNC_SOURCE_URL=source_url, CRMSYNC_STATE_URL=state_url, CRMSYNC_BROKER_URL=redis_url,
-                       CRMSYNC_MAPPING=str(write_mapping(tmp_path)))
+        crm_env.update(
+            CRMSYNC_SOURCE_URL=source_url,
+            CRMSYNC_STATE_URL=state_url,
+            CRMSYNC_BROKER_URL=redis_url,
+            CRMSYNC_MAPPING=str(write_mapping(tmp_path)),
+        )
         assert crmsync(crm_env, "init").returncode == 0
         workers(2)
 
@@ -83,12 +94,17 @@ def test_full_sync_on_redis_and_postgresql_reaches_proto_exactly(
         assert sorted(customers) == sorted(f"C{i:05d}" for i in range(40) if i != 13)
         for i in (0, 5, 17):
             row, got = contact_row(i), customers[f"C{i:05d}"]
-            assert (got["name"], got["email"], got["location"]) == (f"Ada Test{i}", row["email1"], row["city"])
+            assert (got["name"], got["email"], got["location"]) == (
+                f"Ada Test{i}",
+                row["email1"],
+                row["city"],
+            )
             assert got["custom_fields"]["plan"] == row["plan"]
         state = sa.create_engine(state_url)
         with state.connect() as conn:
-            statuses = dict(conn.execute(sa.text(
-                "SELECT status, count(*) FROM customer_sync_state GROUP BY status")).all())
+            statuses = dict(
+                conn.execute(sa.text("SELECT status, count(*) FROM customer_sync_state GROUP BY status")).all()
+            )
         state.dispose()
         assert statuses == {"synced": 39, "dead": 1}
 
@@ -174,7 +190,13 @@ def test_check_passes_on_a_good_setup(crm_env: dict[str, str], sandbox: Sandbox,
 
 def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_")}
-    done = subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--size", "60"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "demo", "--size", "60"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Demo finished" in done.stdout

@@ -52,8 +52,15 @@ def harness(sandbox: Sandbox, state_url: str, tmp_path: Path) -> Harness:
     crm = f"sqlite:///{tmp_path / 'crm.db'}"
     make_crm(crm, 30)
     settings = Settings(
-        source_url=crm, state_url=state_url, mapping=write_mapping(tmp_path), proto_base_url=sandbox.base_url,
-        proto_subcompany_id=SUBCOMPANY, proto_token=TOKEN, rate_limit=1000, batch_size=7, lookback_seconds=5,
+        source_url=crm,
+        state_url=state_url,
+        mapping=write_mapping(tmp_path),
+        proto_base_url=sandbox.base_url,
+        proto_subcompany_id=SUBCOMPANY,
+        proto_token=TOKEN,
+        rate_limit=1000,
+        batch_size=7,
+        lookback_seconds=5,
     )
     return Harness(Runtime(settings))
 
@@ -121,7 +128,7 @@ def test_running_the_same_task_twice_sends_nothing_the_second_time(harness: Harn
 
 def test_older_version_never_overwrites_newer(harness: Harness, sandbox: Sandbox) -> None:
     harness.plan()
-    stale = [m for _, m in harness.queued if m["contact"]["key"] == "C00001"][0]
+    stale = next(m for _, m in harness.queued if m["contact"]["key"] == "C00001")
     harness.drain()
     touch(crm_engine(harness), ["C00001"], LATER, last_name="Newer")
     harness.sync("incremental")
@@ -202,8 +209,15 @@ def test_invalid_rows_are_dead_lettered_before_any_call(sandbox: Sandbox, sqlite
         conn.execute(sa.text("UPDATE loose SET id = NULL WHERE id = 'C00001'"))
         conn.execute(sa.text("UPDATE loose SET ltv = 'lots' WHERE id = 'C00002'"))
     mapping = write_mapping(tmp_path, MAPPING.replace("table: contacts", "table: loose"))
-    settings = Settings(source_url=crm, state_url=sqlite_state, mapping=mapping, proto_base_url=sandbox.base_url,
-                        proto_subcompany_id=SUBCOMPANY, proto_token=TOKEN, rate_limit=1000)
+    settings = Settings(
+        source_url=crm,
+        state_url=sqlite_state,
+        mapping=mapping,
+        proto_base_url=sandbox.base_url,
+        proto_subcompany_id=SUBCOMPANY,
+        proto_token=TOKEN,
+        rate_limit=1000,
+    )
     h = Harness(Runtime(settings))
     result = h.sync()
     assert result["counts"]["invalid"] == 2 and len(sandbox.customers()) == 3

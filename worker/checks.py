@@ -51,8 +51,11 @@ def _check_source(located: LocatedMapping, url: str, batch_size: int) -> Iterato
         return
     missing = [(col, loc) for col, loc in mapping.columns_used() if col not in columns]
     for col, loc in missing:
-        yield False, f"{located.where(loc)}: column {col!r} is not returned by the source query " \
-                     f"(it returns: {', '.join(sorted(columns))})"
+        yield (
+            False,
+            f"{located.where(loc)}: column {col!r} is not returned by the source query "
+            f"(it returns: {', '.join(sorted(columns))})",
+        )
     if missing:
         return
     yield True, f"source: {len(columns)} columns, every mapped column present"
@@ -70,7 +73,10 @@ def _check_source(located: LocatedMapping, url: str, batch_size: int) -> Iterato
         yield False, f"source: {exc}"
         return
     for field, err in bad.items():
-        yield False, f"{located.where(_field_loc(located, field))}: {err} (first seen among {read} sampled rows)"
+        yield (
+            False,
+            f"{located.where(_field_loc(located, field))}: {err} (first seen among {read} sampled rows)",
+        )
     if not bad:
         yield True, f"source: the first {read} rows all map to valid customers"
 
@@ -90,8 +96,11 @@ def _check_state(url: str) -> Iterator[tuple[bool, str]]:
     except Exception as exc:  # any driver error is a failed check, reported as such
         yield False, f"state database: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return
-    yield (True, "state database at the latest migration") if current else (
-        False, "state database is not migrated: run `crmsync init`")
+    yield (
+        (True, "state database at the latest migration")
+        if current
+        else (False, "state database is not migrated: run `crmsync init`")
+    )
 
 
 def _check_proto(settings: object, located: LocatedMapping | None) -> Iterator[tuple[bool, str]]:
@@ -111,5 +120,10 @@ def _check_proto(settings: object, located: LocatedMapping | None) -> Iterator[t
     for i, spec in enumerate(located.mapping.custom_fields):
         have = fields.get(str(spec.name)) if spec.name else None
         if have is not None and have.type != spec.type:
-            yield False, (f"{located.where(('custom_fields', i, 'type'))}: custom field {spec.name!r} is "
-                          f"{have.type} in Proto, not {spec.type}; types cannot change once created")
+            yield (
+                False,
+                (
+                    f"{located.where(('custom_fields', i, 'type'))}: custom field {spec.name!r} is "
+                    f"{have.type} in Proto, not {spec.type}; types cannot change once created"
+                ),
+            )

@@ -78,9 +78,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         args.kind,
         force=args.force,
         dry_run=args.dry_run,
-        progress=lambda c: tick(
-            f"planning: read {c['read']}, to send {c['enqueued'] + 0}, unchanged {c['unchanged']}"
-        ),
+        progress=lambda c: tick(f"planning: read {c['read']}, to send {c['enqueued'] + 0}, unchanged {c['unchanged']}"),
     )
     if args.dry_run or not args.wait or not result["counts"].get("enqueued"):
         return _report(
@@ -238,9 +236,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         if not letters:
             raise CrmsyncError(f"no dead letter with id {', '.join(args.ids)}")
         for d in letters:
-            _print_json(d) if args.json else print(
-                json.dumps(d, default=_json_default, indent=2, ensure_ascii=False)
-            )
+            _print_json(d) if args.json else print(json.dumps(d, default=_json_default, indent=2, ensure_ascii=False))
         return 0
     if args.action == "discard":
         if not args.ids and not args.all:
@@ -298,21 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from .settings import DEFAULT_RATE_LIMIT
 
-    p = argparse.ArgumentParser(
-        prog="crmsync", description="Keep Proto AICX customers in step with a CRM database."
-    )
+    p = argparse.ArgumentParser(prog="crmsync", description="Keep Proto AICX customers in step with a CRM database.")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("init", help="create or migrate the state database").set_defaults(func=cmd_init)
-    sub.add_parser("check", help="validate settings, mapping, source, state DB and Proto").set_defaults(
-        func=cmd_check
-    )
+    sub.add_parser("check", help="validate settings, mapping, source, state DB and Proto").set_defaults(func=cmd_check)
 
     s = sub.add_parser("sync", help="plan a sync run (and with --wait, see it through)")
     s.add_argument("kind", choices=["full", "incremental"])
-    s.add_argument(
-        "--dry-run", action="store_true", help="count what would be sent; call nothing, change nothing"
-    )
+    s.add_argument("--dry-run", action="store_true", help="count what would be sent; call nothing, change nothing")
     s.add_argument("--force", action="store_true", help="send every part of every contact, changed or not")
     s.add_argument("--wait", action="store_true", help="block until every contact is synced or dead-lettered")
     s.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
@@ -339,12 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--error-class", help="only letters of this error class")
     d.add_argument("--run", help="only letters of this run")
     d.add_argument("--since", help="only letters failed since this ISO time")
-    d.add_argument(
-        "--all-states", action="store_true", help="list replayed, resolved and discarded letters too"
-    )
-    d.add_argument(
-        "--as-recorded", action="store_true", help="resend the payload as recorded, not the CRM row"
-    )
+    d.add_argument("--all-states", action="store_true", help="list replayed, resolved and discarded letters too")
+    d.add_argument("--as-recorded", action="store_true", help="resend the payload as recorded, not the CRM row")
     d.add_argument("--wait", action="store_true", help="block until the replayed contacts are done")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_dlq, dry_run=False)
@@ -354,9 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--port", type=int, default=8700)
     sb.add_argument("--subcompany-id", help="accepted sub-company (default CRMSYNC_PROTO_SUBCOMPANY_ID)")
     sb.add_argument("--token", help="its bearer token (default CRMSYNC_PROTO_TOKEN)")
-    sb.add_argument(
-        "--rate-limit", type=float, default=DEFAULT_RATE_LIMIT, help="requests/s per sub-company (0: none)"
-    )
+    sb.add_argument("--rate-limit", type=float, default=DEFAULT_RATE_LIMIT, help="requests/s per sub-company (0: none)")
     sb.add_argument("--burst", type=int, help="requests allowed back to back (default: 100 ms worth)")
     sb.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 5xx")
     sb.add_argument("--drop-rate", type=float, default=0.0, help="share of connections dropped")

@@ -120,9 +120,7 @@ def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, valu
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    bad = InvalidRecord(
-        "field_type", f"custom field {name!r} ({spec_type}) cannot hold {str(value)[:60]!r}", name
-    )
+    bad = InvalidRecord("field_type", f"custom field {name!r} ({spec_type}) cannot hold {str(value)[:60]!r}", name)
     if spec_type == "number":
         if isinstance(value, bool):
             raise bad

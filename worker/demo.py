@@ -51,15 +51,26 @@ def make_crm(url: str, size: int, seed: int = 1) -> list[int]:
     """Create the sample CRM at `url`; returns the ids of the rows with a bad e-mail."""
     md = sa.MetaData()
     contacts = sa.Table(
-        "contacts", md,
-        sa.Column("id", sa.Integer, primary_key=True), sa.Column("first_name", sa.String(60)),
-        sa.Column("last_name", sa.String(60)), sa.Column("email1", sa.String(120)),
-        sa.Column("phone_work", sa.String(40)), sa.Column("city", sa.String(60)),
-        sa.Column("ltv", sa.Numeric(12, 2)), sa.Column("plan", sa.String(20)), sa.Column("is_vip", sa.Integer),
-        sa.Column("date_modified", sa.DateTime), sa.Column("deleted", sa.Integer, default=0),
+        "contacts",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("first_name", sa.String(60)),
+        sa.Column("last_name", sa.String(60)),
+        sa.Column("email1", sa.String(120)),
+        sa.Column("phone_work", sa.String(40)),
+        sa.Column("city", sa.String(60)),
+        sa.Column("ltv", sa.Numeric(12, 2)),
+        sa.Column("plan", sa.String(20)),
+        sa.Column("is_vip", sa.Integer),
+        sa.Column("date_modified", sa.DateTime),
+        sa.Column("deleted", sa.Integer, default=0),
     )
-    tags = sa.Table("contact_tags", md, sa.Column("contact_id", sa.Integer, index=True),
-                    sa.Column("tag_name", sa.String(60)))
+    tags = sa.Table(
+        "contact_tags",
+        md,
+        sa.Column("contact_id", sa.Integer, index=True),
+        sa.Column("tag_name", sa.String(60)),
+    )
     engine = sa.create_engine(url)
     md.create_all(engine)
     rng = random.Random(seed)
@@ -73,9 +84,21 @@ def make_crm(url: str, size: int, seed: int = 1) -> list[int]:
         if i % (size // len(BAD_EMAILS) + 1) == 7:
             email = BAD_EMAILS[len(bad) % len(BAD_EMAILS)]
             bad.append(i)
-        rows.append(dict(id=i, first_name=first, last_name=last, email1=email, phone_work=f"+1 555 {i:07d}",
-                         city=rng.choice(CITIES), ltv=round(rng.uniform(0, 9000), 2), plan=rng.choice(["free", "pro", "enterprise"]),
-                         is_vip=rng.randint(0, 1), date_modified=base + dt.timedelta(minutes=i), deleted=0))
+        rows.append(
+            dict(
+                id=i,
+                first_name=first,
+                last_name=last,
+                email1=email,
+                phone_work=f"+1 555 {i:07d}",
+                city=rng.choice(CITIES),
+                ltv=round(rng.uniform(0, 9000), 2),
+                plan=rng.choice(["free", "pro", "enterprise"]),
+                is_vip=rng.randint(0, 1),
+                date_modified=base + dt.timedelta(minutes=i),
+                deleted=0,
+            )
+        )
         tag_rows += [dict(contact_id=i, tag_name=t) for t in rng.sample(TAGS, rng.randint(0, 3))]
     with engine.begin() as conn:
         conn.execute(contacts.insert(), rows)
@@ -107,9 +130,12 @@ def run_demo(size: int = 300, keep: bool = False) -> int:
     sandbox_args = ("--subcompany-id", DEFAULT_SUBCOMPANY_ID, "--token", DEFAULT_TOKEN, "--rate-limit", "200")
     with sandbox_process(*sandbox_args) as base_url:
         os.environ.update(
-            CRMSYNC_SOURCE_URL=crm_url, CRMSYNC_STATE_URL=f"sqlite:///{folder / 'state.db'}",
-            CRMSYNC_MAPPING=str(folder / "mapping.yaml"), CRMSYNC_PROTO_BASE_URL=base_url,
-            CRMSYNC_PROTO_SUBCOMPANY_ID=DEFAULT_SUBCOMPANY_ID, CRMSYNC_PROTO_TOKEN=DEFAULT_TOKEN,
+            CRMSYNC_SOURCE_URL=crm_url,
+            CRMSYNC_STATE_URL=f"sqlite:///{folder / 'state.db'}",
+            CRMSYNC_MAPPING=str(folder / "mapping.yaml"),
+            CRMSYNC_PROTO_BASE_URL=base_url,
+            CRMSYNC_PROTO_SUBCOMPANY_ID=DEFAULT_SUBCOMPANY_ID,
+            CRMSYNC_PROTO_TOKEN=DEFAULT_TOKEN,
             CRMSYNC_RATE_LIMIT="200",
         )
         os.environ.pop("CRMSYNC_BROKER_URL", None)
@@ -137,10 +163,13 @@ def _steps(folder: Path, crm_url: str, size: int, bad: list[int], base_url: str)
         planned = plan_run(kind) if kind != "replay" else replay()
         result = wait_for_run(rt, planned["run_id"], alive=alive) if planned["run_id"] else {}
         c = planned["counts"]
-        _say(f"  read {c.get('read', 0)}, sent {c.get('enqueued', 0)} "
-             f"(profile {c.get('part_profile', 0)}, tags {c.get('part_tags', 0)}, fields {c.get('part_fields', 0)}), "
-             f"unchanged {c.get('unchanged', 0)}; synced {result.get('synced', 0)}, dead-lettered {result.get('dead', 0)}; "
-             f"{stats()['total'] - before} API calls in {time.monotonic() - t:.1f} s")
+        _say(
+            f"  read {c.get('read', 0)}, sent {c.get('enqueued', 0)} "
+            f"(profile {c.get('part_profile', 0)}, tags {c.get('part_tags', 0)}, fields {c.get('part_fields', 0)}), "
+            f"unchanged {c.get('unchanged', 0)}; synced {result.get('synced', 0)}, "
+            f"dead-lettered {result.get('dead', 0)}; "
+            f"{stats()['total'] - before} API calls in {time.monotonic() - t:.1f} s"
+        )
         return result
 
     rt = runtime()
@@ -158,31 +187,48 @@ def _steps(folder: Path, crm_url: str, size: int, bad: list[int], base_url: str)
         engine = sa.create_engine(crm_url)
         now = dt.datetime(2026, 6, 1)
         with engine.begin() as conn:
-            conn.execute(sa.text("UPDATE contacts SET city = 'Nairobi', date_modified = :now "
-                                 "WHERE id IN (2, 4, 6, 8, 10, 12, 14, 16, 18, 20)"), {"now": now})
+            conn.execute(
+                sa.text(
+                    "UPDATE contacts SET city = 'Nairobi', date_modified = :now "
+                    "WHERE id IN (2, 4, 6, 8, 10, 12, 14, 16, 18, 20)"
+                ),
+                {"now": now},
+            )
         inc = run("incremental")
         _say("\n4. Dead letters (operators' use)")
         for d in rt.store.dead_letters():
             _say(f"  #{d['id']} contact {d['provided_unique_id']}: {d['error_class']}: {d['message'][:100]}")
         fixed = bad[0]
         with engine.begin() as conn:
-            conn.execute(sa.text("UPDATE contacts SET email1 = 'fixed@example.org', date_modified = :now WHERE id = :id"),
-                         {"id": fixed, "now": now})
+            conn.execute(
+                sa.text("UPDATE contacts SET email1 = 'fixed@example.org', date_modified = :now WHERE id = :id"),
+                {"id": fixed, "now": now},
+            )
         engine.dispose()
         _say(f"\n5. Contact {fixed} fixed in the CRM, then every dead letter replayed")
         run("replay")
         left = rt.store.dead_letters()
-        _say(f"  dead letters left: {len(left)} (the rows still bad in the CRM: "
-             f"{', '.join(str(d['provided_unique_id']) for d in left)})")
+        _say(
+            f"  dead letters left: {len(left)} (the rows still bad in the CRM: "
+            f"{', '.join(str(d['provided_unique_id']) for d in left)})"
+        )
     st = rt.store.status_counts()
     _say(f"\nState: {folder / 'state.db'} — customers {', '.join(f'{k} {v}' for k, v in sorted(st.items()))}")
-    customers = httpx.get(base_url.removesuffix("/api/platform") + "/_sandbox/customers/" +
-                          str(rt.settings.proto_subcompany_id)).json()
-    _say(f"Proto sandbox holds {len(customers)} customers; {stats()['total']} API calls in all, "
-         f"429s: {stats().get('by_status', {}).get('429', 0)}")
+    customers = httpx.get(
+        base_url.removesuffix("/api/platform") + "/_sandbox/customers/" + str(rt.settings.proto_subcompany_id)
+    ).json()
+    _say(
+        f"Proto sandbox holds {len(customers)} customers; {stats()['total']} API calls in all, "
+        f"429s: {stats().get('by_status', {}).get('429', 0)}"
+    )
     expected = size - len(bad) + 1
-    ok = (first.get("synced") == size - len(bad) and unchanged_ok and inc.get("synced") == 10
-          and len(customers) == expected and len(left) == len(bad) - 1)
+    ok = (
+        first.get("synced") == size - len(bad)
+        and unchanged_ok
+        and inc.get("synced") == 10
+        and len(customers) == expected
+        and len(left) == len(bad) - 1
+    )
     if not ok:
         print("the demo did not end as expected: see the figures above", file=sys.stderr)
     return ok

@@ -52,9 +52,7 @@ class ProtoError(CrmsyncError):
     response body, cut short, with secrets already removed.
     """
 
-    def __init__(
-        self, message: str, *, status: int | None = None, body: Any = None, route: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, status: int | None = None, body: Any = None, route: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.body = body

@@ -29,8 +29,18 @@ log = logging.getLogger(__name__)
 Enqueue = Callable[[Queue, list[dict[str, Any]]], None]
 Progress = Callable[[Counter[str]], None]
 PREVIEW = 10
-COUNTS = ("read", "new", "changed", "unchanged", "invalid", "deleted", "enqueued",
-          "part_profile", "part_tags", "part_fields")
+COUNTS = (
+    "read",
+    "new",
+    "changed",
+    "unchanged",
+    "invalid",
+    "deleted",
+    "enqueued",
+    "part_profile",
+    "part_tags",
+    "part_fields",
+)
 
 
 @dataclass
@@ -78,9 +88,7 @@ class Planner:
                     progress(result.counts)
         except Exception as exc:
             if result.run_id:
-                store.update_run(
-                    result.run_id, status="failed", finished_at=utcnow(), error=self.rt.redact(str(exc))
-                )
+                store.update_run(result.run_id, status="failed", finished_at=utcnow(), error=self.rt.redact(str(exc)))
             raise
         if result.run_id:
             c = result.counts

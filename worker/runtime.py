@@ -10,9 +10,9 @@ from functools import cached_property
 
 import sqlalchemy as sa
 
+from .errors import ConfigError
 from .proto import Limiter, LocalLimiter, ProtoClient, RedisLimiter, RetryPolicy
 from .settings import Settings
-from .errors import ConfigError
 from .state.db import schema_is_current, state_engine
 from .state.store import StateStore
 
@@ -32,7 +32,9 @@ class Runtime:
         try:
             current = schema_is_current(engine)
         except sa.exc.SQLAlchemyError as exc:
-            raise ConfigError(f"setting CRMSYNC_STATE_URL: cannot use the state database ({_first_line(exc)})") from None
+            raise ConfigError(
+                f"setting CRMSYNC_STATE_URL: cannot use the state database ({_first_line(exc)})"
+            ) from None
         if not current:
             where = engine.url.render_as_string(hide_password=True)
             raise ConfigError(f"the state database {where} is not initialised or not up to date: run `crmsync init`")

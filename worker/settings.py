@@ -18,14 +18,10 @@ DEFAULT_RATE_LIMIT = 50.0
 class Settings(BaseSettings):
     """Every knob of crmsync. The README's configuration table is tested against this class."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="CRMSYNC_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="CRMSYNC_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     source_url: str | None = Field(None, description="SQLAlchemy URL of the CRM database (read only).")
-    state_url: str = Field(
-        "sqlite:///crmsync-state.db", description="SQLAlchemy URL of the local state database."
-    )
+    state_url: str = Field("sqlite:///crmsync-state.db", description="SQLAlchemy URL of the local state database.")
     broker_url: str | None = Field(
         None, description="Celery broker (redis://...). Unset: an embedded broker in a SQLite file."
     )
@@ -34,16 +30,12 @@ class Settings(BaseSettings):
     proto_subcompany_id: str | None = Field(None, description="Proto sub-company (teamspace) id.")
     proto_token: SecretStr | None = Field(None, description="Bearer token (takeover secret).")
     proto_token_file: Path | None = Field(None, description="File holding the bearer token.")
-    rate_limit: float = Field(
-        DEFAULT_RATE_LIMIT, gt=0, description="API requests per second per sub-company."
-    )
+    rate_limit: float = Field(DEFAULT_RATE_LIMIT, gt=0, description="API requests per second per sub-company.")
     rate_burst: int = Field(1, ge=1, description="Requests the limiter may send back to back.")
     request_timeout: float = Field(30.0, gt=0, description="Seconds before an API call times out.")
     max_attempts: int = Field(5, ge=1, description="Tries of one API call on errors (429s are not counted).")
     batch_size: int = Field(1000, ge=1, le=10000, description="Contacts read per source page.")
-    lookback_seconds: float = Field(
-        300.0, ge=0, description="Incremental syncs re-read this far behind the watermark."
-    )
+    lookback_seconds: float = Field(300.0, ge=0, description="Incremental syncs re-read this far behind the watermark.")
     incremental_every: float = Field(60.0, gt=0, description="Seconds between beat's incremental syncs.")
     full_sync_cron: str = Field("0 2 * * *", description="Cron line of beat's nightly full sync.")
     worker_concurrency: int = Field(16, ge=1, description="Threads per worker process.")

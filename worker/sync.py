@@ -70,9 +70,7 @@ def _send(rt: Runtime, contact: Contact, part: str) -> None:
         for name, value in contact.fields.items():
             field_id = rt.field_id(name)
             if field_id is None:
-                raise PermanentError(
-                    f"custom field {name!r} is not registered; run `crmsync sync` to create it"
-                )
+                raise PermanentError(f"custom field {name!r} is not registered; run `crmsync sync` to create it")
             values.append((field_id, value))
         client.add_custom_fields(contact.key, values)
 
@@ -87,9 +85,7 @@ def _dead_letter(
 ) -> None:
     error = rt.redact(str(exc))
     log.warning("customer %s dead-lettered: %s", contact.key, error)
-    rt.store.record_outcome(
-        contact.key, run_id, "dead", sent, None, error=error, failed_hash=payload_hash(contact)
-    )
+    rt.store.record_outcome(contact.key, run_id, "dead", sent, None, error=error, failed_hash=payload_hash(contact))
     rt.store.add_dead_letter(
         contact.key,
         run_id,

@@ -67,9 +67,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("dead_letters", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_dead_letters_error_class"), ["error_class"], unique=False)
-        batch_op.create_index(
-            batch_op.f("ix_dead_letters_provided_unique_id"), ["provided_unique_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_dead_letters_provided_unique_id"), ["provided_unique_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_dead_letters_run_id"), ["run_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_dead_letters_state"), ["state"], unique=False)
 

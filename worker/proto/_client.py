@@ -63,9 +63,7 @@ class ProtoClient:
 
     def upsert_customer(self, provided_unique_id: str, profile: dict[str, Any]) -> dict[str, Any]:
         """Create the customer, or update the one with this unique id (create-customer)."""
-        return self._call(
-            "upsert_customer", _wire.customer_body(profile), provided_unique_id=provided_unique_id
-        )
+        return self._call("upsert_customer", _wire.customer_body(profile), provided_unique_id=provided_unique_id)
 
     def get_customer(self, provided_unique_id: str) -> dict[str, Any]:
         """Everything Proto holds of a customer except custom-field values; NotFound-class 404."""
@@ -77,9 +75,7 @@ class ProtoClient:
 
     def add_custom_fields(self, provided_unique_id: str, values: Sequence[tuple[str, Any]]) -> dict[str, Any]:
         """Set custom-field values, given as (custom_field_id, value) pairs."""
-        return self._call(
-            "add_custom_fields", _wire.custom_fields_body(values), provided_unique_id=provided_unique_id
-        )
+        return self._call("add_custom_fields", _wire.custom_fields_body(values), provided_unique_id=provided_unique_id)
 
     def list_custom_fields(self) -> list[_wire.CustomField]:
         """Every custom-field definition of the sub-company, following `next` cursors if any."""

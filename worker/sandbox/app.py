@@ -58,9 +58,7 @@ Email = Annotated[str, Field(pattern=EMAIL_PATTERN), AfterValidator(_no_control)
 Phone = Annotated[str, Field(max_length=50, pattern=PHONE_PATTERN), AfterValidator(_no_control)]
 Url = Annotated[str, Field(max_length=2048), AfterValidator(_no_control)]
 Tag = Annotated[str, Field(min_length=1, max_length=100)]
-FieldType = Annotated[
-    str, AfterValidator(_field_type), WithJsonSchema({"type": "string", "enum": list(FIELD_TYPES)})
-]
+FieldType = Annotated[str, AfterValidator(_field_type), WithJsonSchema({"type": "string", "enum": list(FIELD_TYPES)})]
 
 # The rule of each profile field; a field _wire adds later gets Text255 until it has its own.
 _PROFILE_RULES: dict[str, Any] = {"email": Email, "phone_number": Phone, "avatar": Url}
@@ -312,17 +310,13 @@ def _api_router(state: SandboxState) -> APIRouter:
         """Create the customer, or update it: given fields are set (null clears), others kept."""
         return store.upsert_customer(subcompany_id, provided_unique_id, body.model_dump(exclude_unset=True))
 
-    @router.get(
-        api_path("get_customer"), name="get_customer", response_model=CustomerOut, responses=_NOT_FOUND
-    )
+    @router.get(api_path("get_customer"), name="get_customer", response_model=CustomerOut, responses=_NOT_FOUND)
     async def get_customer(subcompany_id: SubcompanyId, provided_unique_id: UniqueId) -> dict[str, Any]:
         """Everything about the customer except custom-field values."""
         return store.get_customer(subcompany_id, provided_unique_id)
 
     @router.put(api_path("add_tags"), name="add_tags", response_model=CustomerOut, responses=_NOT_FOUND)
-    async def add_tags(
-        subcompany_id: SubcompanyId, provided_unique_id: UniqueId, body: TagsIn
-    ) -> dict[str, Any]:
+    async def add_tags(subcompany_id: SubcompanyId, provided_unique_id: UniqueId, body: TagsIn) -> dict[str, Any]:
         """Add tags; a tag the sub-company lacks needs create_if_not_exists."""
         return store.add_tags(subcompany_id, provided_unique_id, body.tags, body.create_if_not_exists)
 
@@ -373,9 +367,7 @@ def _api_router(state: SandboxState) -> APIRouter:
         response_model=IdOut,
         responses=_NOT_FOUND,
     )
-    async def delete_custom_field(
-        subcompany_id: SubcompanyId, custom_field_id: CustomFieldId
-    ) -> dict[str, Any]:
+    async def delete_custom_field(subcompany_id: SubcompanyId, custom_field_id: CustomFieldId) -> dict[str, Any]:
         """Delete a custom field and every value of it."""
         return store.delete_field(subcompany_id, custom_field_id)
 

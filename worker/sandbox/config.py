@@ -77,9 +77,7 @@ class SandboxConfig:
         return max(1, math.ceil(self.rate_limit / 10))
 
     @classmethod
-    def from_env(
-        cls, subcompany_id: str | None = None, token: str | None = None, **overrides: Any
-    ) -> SandboxConfig:
+    def from_env(cls, subcompany_id: str | None = None, token: str | None = None, **overrides: Any) -> SandboxConfig:
         """One tenant from the arguments, else the ``CRMSYNC_PROTO_*`` environment, else the demo.
 
         Reading the same variables as the client lets one environment configure both sides.

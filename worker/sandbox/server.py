@@ -107,7 +107,10 @@ def sandbox_process(*args: str, env: dict[str, str] | None = None) -> Iterator[s
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "sandbox", "--port", str(port), *args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         _wait_until_up(f"http://127.0.0.1:{port}", lambda: proc.poll() is None)

@@ -237,9 +237,7 @@ class SandboxStore:
         with self._lock:
             return [self._field_dict(f) for f in self._tenant(sid).fields.values()]
 
-    def create_field(
-        self, sid: str, name: str, type_: str, select_options: Sequence[str] | None
-    ) -> dict[str, Any]:
+    def create_field(self, sid: str, name: str, type_: str, select_options: Sequence[str] | None) -> dict[str, Any]:
         """Define a custom field; Conflict if the name is taken."""
         with self._lock:
             tenant = self._tenant(sid)

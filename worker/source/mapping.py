@@ -152,10 +152,7 @@ class Mapping(_Strict):
             "tags": self.tags.model_dump() if self.tags else None,
             "fields": [f.model_dump() for f in self.custom_fields],
         }
-        return {
-            k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:12]
-            for k, v in parts.items()
-        }
+        return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:12] for k, v in parts.items()}
 
 
 class LocatedMapping:
@@ -178,9 +175,7 @@ def _where(lines: dict[tuple[str | int, ...], int], path: str, loc: tuple[str | 
     return path
 
 
-def _node_lines(
-    node: yaml.Node, prefix: tuple[str | int, ...], out: dict[tuple[str | int, ...], int]
-) -> None:
+def _node_lines(node: yaml.Node, prefix: tuple[str | int, ...], out: dict[tuple[str | int, ...], int]) -> None:
     out[prefix] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:

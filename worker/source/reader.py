@@ -105,9 +105,7 @@ class SourceReader:
             order = [key_col]
         after: tuple[Any, Any] | None = None
         key_chunks = (
-            [list(keys[i : i + self.batch_size]) for i in range(0, len(keys), self.batch_size)]
-            if keys
-            else None
+            [list(keys[i : i + self.batch_size]) for i in range(0, len(keys), self.batch_size)] if keys else None
         )
         while True:
             query = sa.select(table).order_by(*order).limit(self.batch_size)
@@ -120,9 +118,7 @@ class SourceReader:
                 if after is None:
                     query = query.where(upd_col >= since)
                 else:
-                    query = query.where(
-                        sa.or_(upd_col > after[0], sa.and_(upd_col == after[0], key_col > after[1]))
-                    )
+                    query = query.where(sa.or_(upd_col > after[0], sa.and_(upd_col == after[0], key_col > after[1])))
             elif after is not None:
                 query = query.where(key_col > after[1])
             with self._connect() as conn:
@@ -146,9 +142,7 @@ class SourceReader:
         page = Page()
         raw_keys = [r[src.key] for r in rows if r.get(src.key) is not None]
         tags = (
-            self._side_rows(self.mapping.tags.query, raw_keys)
-            if self.mapping.tags and self.mapping.tags.query
-            else {}
+            self._side_rows(self.mapping.tags.query, raw_keys) if self.mapping.tags and self.mapping.tags.query else {}
         )
         fields: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         for query in self.mapping.field_queries:
@@ -158,9 +152,7 @@ class SourceReader:
         for row in rows:
             if src.updated_at:
                 upd = row.get(src.updated_at)
-                if isinstance(upd, dt.datetime) and (
-                    page.max_updated is None or _later(upd, page.max_updated)
-                ):
+                if isinstance(upd, dt.datetime) and (page.max_updated is None or _later(upd, page.max_updated)):
                     page.max_updated = upd
             raw_key = row.get(src.key)
             skey = None if raw_key is None else str(raw_key)

@@ -51,9 +51,7 @@ def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
     if not (MIGRATIONS / "env.py").exists():
-        raise ConfigError(
-            f"the migrations folder is missing ({MIGRATIONS}); install crmsync from its repository"
-        )
+        raise ConfigError(f"the migrations folder is missing ({MIGRATIONS}); install crmsync from its repository")
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

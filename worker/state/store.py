@@ -115,9 +115,7 @@ class StateStore:
         ]
         with self.engine.connect() as conn:
             for i in range(0, len(keys), 1000):
-                for row in conn.execute(
-                    sa.select(*cols).where(STATE.c.provided_unique_id.in_(keys[i : i + 1000]))
-                ):
+                for row in conn.execute(sa.select(*cols).where(STATE.c.provided_unique_id.in_(keys[i : i + 1000]))):
                     out[row[0]] = PartHashes(*row[1:])
         return out
 
@@ -163,14 +161,10 @@ class StateStore:
             values.update(source_version=source_version, synced_at=now)
         with self._begin() as conn:
             updated = conn.execute(
-                STATE.update()
-                .where(STATE.c.provided_unique_id == key)
-                .values(attempts=STATE.c.attempts + 1, **values)
+                STATE.update().where(STATE.c.provided_unique_id == key).values(attempts=STATE.c.attempts + 1, **values)
             ).rowcount
             if not updated:
-                conn.execute(
-                    STATE.insert().values(provided_unique_id=key, last_run_id=run_id, attempts=1, **values)
-                )
+                conn.execute(STATE.insert().values(provided_unique_id=key, last_run_id=run_id, attempts=1, **values))
 
     def mark_dead(self, keys: Sequence[str], run_id: str, error: str) -> None:
         """Mark customers dead-lettered before any call was made (invalid rows)."""
@@ -197,10 +191,7 @@ class StateStore:
     def status_counts(self) -> dict[str, int]:
         """Customers by status."""
         with self.engine.connect() as conn:
-            return {
-                s: n
-                for s, n in conn.execute(sa.select(STATE.c.status, sa.func.count()).group_by(STATE.c.status))
-            }
+            return {s: n for s, n in conn.execute(sa.select(STATE.c.status, sa.func.count()).group_by(STATE.c.status))}
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -232,9 +223,7 @@ class StateStore:
         """Customers last planned by `run_id`, by status (queued, synced, failed, dead)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(STATE.c.status, sa.func.count())
-                .where(STATE.c.last_run_id == run_id)
-                .group_by(STATE.c.status)
+                sa.select(STATE.c.status, sa.func.count()).where(STATE.c.last_run_id == run_id).group_by(STATE.c.status)
             )
             return {status: n for status, n in rows}
 
@@ -317,9 +306,7 @@ class StateStore:
             }
             if existing is not None:
                 conn.execute(
-                    DEAD.update()
-                    .where(DEAD.c.id == existing)
-                    .values(attempts=DEAD.c.attempts + attempts, **values)
+                    DEAD.update().where(DEAD.c.id == existing).values(attempts=DEAD.c.attempts + attempts, **values)
                 )
                 return int(existing)
             result = conn.execute(
