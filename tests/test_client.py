@@ -299,12 +299,8 @@ class RecordingLimiter:
         self.pauses.append(seconds)
 
 
-def unit_client(
-    sleeps: list[float], limiter: RecordingLimiter | None = None, retry: RetryPolicy = FAST
-) -> ProtoClient:
-    return ProtoClient(
-        BASE, SUBCOMPANY, TOKEN, retry=retry, limiter=limiter or RecordingLimiter(), sleep=sleeps.append
-    )
+def unit_client(sleeps: list[float], limiter: RecordingLimiter | None = None, retry: RetryPolicy = FAST) -> ProtoClient:
+    return ProtoClient(BASE, SUBCOMPANY, TOKEN, retry=retry, limiter=limiter or RecordingLimiter(), sleep=sleeps.append)
 
 
 CUSTOMER = {"id": "C1", "provided_unique_id": "crm-1", "name": "Ada", "tags": []}

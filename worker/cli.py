@@ -78,15 +78,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
         args.kind,
         force=args.force,
         dry_run=args.dry_run,
-        progress=lambda c: tick(f"planning: read {c['read']}, to send {c['enqueued'] + 0}, unchanged {c['unchanged']}"),
+        progress=lambda c: tick(f"planning: read {c['read']}, to send {c['enqueued']}, unchanged {c['unchanged']}"),
     )
-    if args.dry_run or not args.wait or not result["counts"].get("enqueued"):
-        return _report(
-            result,
-            rt,
-            args,
-            run=rt.store.finish_run(result["run_id"]) if args.wait and result["run_id"] else None,
-        )
+    if args.dry_run or not args.wait or not result["counts"]["enqueued"]:
+        run = rt.store.run(result["run_id"]) if result["run_id"] else None
+        return _report(result, rt, args, run)
     return _see_through(result, rt, args, tick, embedded_worker, wait_for_run)
 
 
@@ -183,6 +179,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .jobs import runtime
 
     store = runtime().store
+    store.close_done_runs()
     runs = store.runs(args.limit)
     letters = store.dead_letters(state="dead")
     by_class: dict[str, int] = {}

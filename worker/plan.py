@@ -78,6 +78,7 @@ class Planner:
     ) -> PlanResult:
         """Plan one run of `kind` (full, incremental, replay); returns its counts."""
         store = self.rt.store
+        store.close_done_runs()
         result = PlanResult(kind, None if dry_run else store.start_run(kind))
         since = self._since() if kind == "incremental" else None
         registry = store.field_ids()
@@ -103,6 +104,8 @@ class Planner:
                 invalid=c["invalid"],
                 deleted=c["deleted"],
             )
+            if not c["enqueued"]:
+                store.finish_run(result.run_id)
         return result
 
     def _since(self) -> dt.datetime | None:

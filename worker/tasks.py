@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .celery_app import app
-from .jobs import plan_run, runtime
+from .jobs import RunInProgress, plan_run, runtime
 from .sync import sync_contact
 
 
@@ -17,11 +17,17 @@ def sync_customer(msg: dict[str, Any]) -> str:
 
 @app.task(name="crmsync.plan_full")
 def plan_full(force: bool = False) -> dict[str, Any]:
-    """Beat's nightly full sync."""
-    return plan_run("full", force=force)
+    """Beat's nightly full sync; skipped while another full run is being planned."""
+    try:
+        return plan_run("full", force=force)
+    except RunInProgress as exc:
+        return {"skipped": str(exc)}
 
 
 @app.task(name="crmsync.plan_incremental")
 def plan_incremental() -> dict[str, Any]:
-    """Beat's frequent incremental sync."""
-    return plan_run("incremental")
+    """Beat's frequent incremental sync; skipped while another is being planned."""
+    try:
+        return plan_run("incremental")
+    except RunInProgress as exc:
+        return {"skipped": str(exc)}

@@ -145,7 +145,7 @@ class ProtoClient:
         if response.is_success:
             try:
                 return response.json() if response.content else {}
-            except json.JSONDecodeError:
+            except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
                 raise RetryableError(
                     f"{route}: the answer was not JSON", status=response.status_code, route=route
                 ) from None
@@ -153,7 +153,7 @@ class ProtoClient:
 
     def _error(self, route: str, response: httpx.Response) -> ProtoError:
         status = response.status_code
-        body = self.redact(response.text[:MAX_BODY_CHARS])
+        body = self.redact(response.text)[:MAX_BODY_CHARS]  # redact first: a cut may split the token
         detail = _detail(body)
         message = f"{route}: HTTP {status}" + (f": {detail}" if detail else "")
         if status == 429:

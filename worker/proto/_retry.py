@@ -38,12 +38,12 @@ class RetryPolicy:
         connection refused): a POST without an idempotency key must not be sent twice.
         """
         backoff = tenacity.wait_exponential_jitter(multiplier=self.initial_backoff, max=self.max_backoff)
-        # One Retrying per call, so these tallies are the call's own; `stop` runs once per failure.
+        # One Retrying per call, so these tallies are the call's own. They are counted in `retry`,
+        # which tenacity runs first and once per failure (`wait` runs before `stop`), so that
+        # `wait` and `stop` both see the failure at hand.
         tally = {"errors": 0, "limited": 0}
 
         def stop(state: RetryCallState) -> bool:
-            limited = isinstance(_exception(state), RateLimited)
-            tally["limited" if limited else "errors"] += 1
             return tally["errors"] >= self.max_attempts or tally["limited"] > self.max_rate_limited
 
         def wait(state: RetryCallState) -> float:
@@ -51,13 +51,17 @@ class RetryPolicy:
             if isinstance(exc, RateLimited):
                 return exc.retry_after
             # 429s do not grow the backoff: it follows the error attempts alone.
-            return backoff(_Attempt(max(1, tally["errors"])))  # type: ignore[arg-type]
+            return backoff(_Attempt(tally["errors"]))  # type: ignore[arg-type]
 
         def retry(state: RetryCallState) -> bool:
             exc = _exception(state)
             if not isinstance(exc, RetryableError):
                 return False
-            return retry_ticket or isinstance(exc, RateLimited) or exc.not_sent
+            limited = isinstance(exc, RateLimited)
+            if not (retry_ticket or limited or exc.not_sent):
+                return False
+            tally["limited" if limited else "errors"] += 1
+            return True
 
         return tenacity.Retrying(wait=wait, stop=stop, retry=retry, sleep=sleep, reraise=True)
 

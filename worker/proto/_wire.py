@@ -8,6 +8,7 @@ is what changes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,8 @@ def parse_retry_after(value: str | None, default: float = 1.0) -> float:
     if not value:
         return default
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return default
+    # float() also reads "inf" and "nan": an endless or undefined pause would stall every worker.
+    return max(0.0, seconds) if math.isfinite(seconds) else default

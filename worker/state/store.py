@@ -227,6 +227,15 @@ class StateStore:
             )
             return {status: n for status, n in rows}
 
+    def close_done_runs(self) -> list[str]:
+        """Close the running runs that have no customer left queued (nobody waited on them)."""
+        with self.engine.connect() as conn:
+            running = list(conn.execute(sa.select(RUNS.c.id).where(RUNS.c.status == "running")).scalars())
+        done = [r for r in running if not self.run_progress(r).get("queued")]
+        for run_id in done:
+            self.finish_run(run_id)
+        return done
+
     def finish_run(self, run_id: str) -> dict[str, Any]:
         """Close a run whose customers are all done, with its final counts."""
         progress = self.run_progress(run_id)
