@@ -9,6 +9,6 @@ python3 -m venv .venv 2>/dev/null || { apt-get update -qq && apt-get install -y 
 pip install -q --disable-pip-version-check -e ".[dev]"
 bash scripts/services.sh
 
-ruff check worker tests bench migrations
+ruff check
 mypy
 python -m pytest "$@"

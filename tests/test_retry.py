@@ -68,6 +68,8 @@ def test_max_attempts_counts_only_errors_not_429s() -> None:
     script, sleeps, raised = run_failing(RetryPolicy(max_attempts=3), outcomes)
     assert script.tries == 6
     assert raised is outcomes[5]
+    assert len(sleeps) == 5
+    assert [sleeps[1], sleeps[2], sleeps[4]] == [1.0, 1.0, 1.0]  # the 429s' own waits
 
     script, _ = run(RetryPolicy(max_attempts=2), [limited(), limited(), limited(), error(), limited(), "ok"])
     assert script.tries == 6
@@ -83,6 +85,7 @@ def test_429s_are_not_endless() -> None:
     script, sleeps, raised = run_failing(RetryPolicy(max_rate_limited=3), [limited()] * 10)
     assert script.tries == 4
     assert isinstance(raised, RateLimited)
+    assert sleeps == [1.0, 1.0, 1.0]
 
 
 def test_a_429_waits_exactly_its_retry_after() -> None:
