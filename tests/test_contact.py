@@ -109,9 +109,7 @@ def test_a_name_from_several_columns_is_joined_with_spaces_skipping_nulls(mappin
     assert build_contact(mapping, row(first_name=None)).profile["name"] == "Lovelace"
     assert build_contact(mapping, row(last_name=None)).profile["name"] == "Ada"
     assert build_contact(mapping, row(first_name="  ", last_name="Lovelace")).profile["name"] == "Lovelace"
-    assert build_contact(mapping, row(first_name=" Ada ", last_name="Lovelace ")).profile["name"] == (
-        "Ada Lovelace"
-    )
+    assert build_contact(mapping, row(first_name=" Ada ", last_name="Lovelace ")).profile["name"] == ("Ada Lovelace")
     assert build_contact(mapping, row(first_name=None, last_name=None)).profile["name"] is None
 
 
@@ -268,6 +266,7 @@ def test_a_text_field_takes_any_value_as_canonical_text() -> None:
     assert field_value("text", None, "notes", 12.5) == "12.5"
     assert field_value("text", None, "notes", Decimal("12.00")) == field_value("text", None, "notes", 12.0)
     assert field_value("text", None, "notes", 7) == "7"
+    assert field_value("text", None, "notes", Decimal("Infinity")) == "Infinity"  # PostgreSQL numeric
     assert field_value("text", None, "notes", None) is None
 
 
@@ -294,7 +293,7 @@ def test_delimited_tags_are_split_stripped_deduplicated_and_sorted(mapping: Mapp
 
 
 def test_queried_tags_are_stripped_deduplicated_and_sorted_too() -> None:
-    m = parse_mapping(MAPPING.replace("  column: tag_list\n  separator: \";\"\n", "  query: SELECT 1\n")).mapping
+    m = parse_mapping(MAPPING.replace('  column: tag_list\n  separator: ";"\n', "  query: SELECT 1\n")).mapping
     c = build_contact(m, row(), tags=["vip", " vip", "beta", "  ", "", b"gold"])
 
     assert c.tags == ["beta", "gold", "vip"]
@@ -352,9 +351,7 @@ def test_hashes_differ_only_for_the_part_that_changed(mapping: Mapping, part: st
     after = build_contact(mapping, row(**change))
 
     assert after.hashes[part] != before.hashes[part]
-    assert {k: v for k, v in after.hashes.items() if k != part} == {
-        k: v for k, v in before.hashes.items() if k != part
-    }
+    assert {k: v for k, v in after.hashes.items() if k != part} == {k: v for k, v in before.hashes.items() if k != part}
     assert payload_hash(after) != payload_hash(before)
 
 

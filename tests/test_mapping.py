@@ -194,9 +194,7 @@ def test_an_unknown_setting_is_refused_with_its_line() -> None:
 
 def test_a_select_field_without_options_is_refused_with_its_line() -> None:
     text = MINIMAL + (
-        "custom_fields:\n"
-        "  - {name: ltv, column: ltv, type: number}\n"
-        "  - {name: plan, column: plan, type: select}\n"
+        "custom_fields:\n  - {name: ltv, column: ltv, type: number}\n  - {name: plan, column: plan, type: select}\n"
     )
     msg = refusal(text)
 

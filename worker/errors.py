@@ -10,7 +10,8 @@ them by remedy::
     ├── InvalidRecord          one contact cannot be sent as it is: recorded, the run goes on
     └── ProtoError             the Proto API (or the way to it) failed
         ├── RetryableError     try again later: 5xx, timeouts, dropped connections
-        │   └── RateLimited    429: wait `retry_after` seconds; costs no error budget
+        │   ├── RateLimited    429: wait `retry_after` seconds; costs no error budget
+        │   └── CircuitOpen    the API is down: held (not sent) until the breaker's next probe
         └── PermanentError     the same request will fail again: 400, 404, 409, 422
             └── AuthError      401, 403: the token or sub-company is wrong
 """
@@ -76,6 +77,14 @@ class RateLimited(RetryableError):
 
     def __init__(self, message: str, *, retry_after: float, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class CircuitOpen(RetryableError):
+    """The circuit breaker holds calls during an outage; `retry_after` is the next probe."""
+
+    def __init__(self, message: str, *, retry_after: float, not_sent: bool = True) -> None:
+        super().__init__(message, not_sent=not_sent)
         self.retry_after = retry_after
 
 

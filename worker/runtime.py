@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import threading
 from functools import cached_property
+from typing import Any
 
 import sqlalchemy as sa
 
 from .errors import ConfigError
-from .proto import Limiter, LocalLimiter, ProtoClient, RedisLimiter, RetryPolicy
+from .proto import Breaker, Limiter, LocalBreaker, LocalLimiter, ProtoClient, RedisBreaker, RedisLimiter, RetryPolicy
 from .settings import Settings
 from .state.db import schema_is_current, state_engine
 from .state.store import StateStore
@@ -41,17 +42,30 @@ class Runtime:
         return StateStore(engine)
 
     @cached_property
+    def redis(self) -> Any:
+        """A Redis client on the broker when the broker is Redis, else None."""
+        url = self.settings.broker_url
+        if url and url.startswith(("redis://", "rediss://")):
+            import redis
+
+            return redis.Redis.from_url(url)
+        return None
+
+    @cached_property
     def limiter(self) -> Limiter:
         """Shared through Redis when the broker is Redis, else local to this process."""
         s = self.settings
-        if s.broker_url and s.broker_url.startswith(("redis://", "rediss://")):
-            import redis
-
+        if self.redis is not None:
             s.require("proto_subcompany_id")
-            return RedisLimiter(
-                redis.Redis.from_url(s.broker_url), str(s.proto_subcompany_id), s.rate_limit, s.rate_burst
-            )
+            return RedisLimiter(self.redis, str(s.proto_subcompany_id), s.rate_limit, s.rate_burst)
         return LocalLimiter(s.rate_limit, s.rate_burst)
+
+    @cached_property
+    def breaker(self) -> Breaker:
+        """The circuit breaker: shared through Redis like the limiter."""
+        if self.redis is not None:
+            return RedisBreaker(self.redis, str(self.settings.proto_subcompany_id))
+        return LocalBreaker()
 
     @cached_property
     def client(self) -> ProtoClient:
@@ -64,6 +78,7 @@ class Runtime:
             s.proto_subcompany_id,
             s.proto_token.get_secret_value(),
             limiter=self.limiter,
+            breaker=self.breaker,
             retry=RetryPolicy(max_attempts=s.max_attempts),
             timeout=s.request_timeout,
         )

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from .contact import PARTS, Contact, payload_hash
-from .errors import PermanentError, ProtoError
+from .errors import CircuitOpen, PermanentError, ProtoError
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
             if contact.hashes[part] != sent[part]:
                 _send(rt, contact, part)
                 sent[part] = contact.hashes[part]
+    except CircuitOpen:
+        # Held by the breaker: keep what was sent; the task defers itself and comes back.
+        rt.store.record_outcome(contact.key, run_id, "queued", sent, None)
+        raise
     except ProtoError as exc:
         _dead_letter(rt, msg, contact, run_id, sent, exc)
         return Outcome.DEAD

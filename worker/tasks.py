@@ -4,15 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import Task
+
 from .celery_app import app
+from .errors import CircuitOpen
 from .jobs import RunInProgress, plan_run, runtime
 from .sync import sync_contact
 
+# Well below the broker's visibility timeout, so a deferred task is never delivered twice.
+DEFER_SECONDS = 15
 
-@app.task(name="crmsync.sync_customer")
-def sync_customer(msg: dict[str, Any]) -> str:
-    """Sync one customer from the payload it was planned with."""
-    return sync_contact(runtime(), msg).value
+
+@app.task(name="crmsync.sync_customer", bind=True, max_retries=None)
+def sync_customer(self: Task, msg: dict[str, Any]) -> str:
+    """Sync one customer from the payload it was planned with.
+
+    While the circuit breaker holds the API, the task defers itself: delayed, never failed.
+    """
+    try:
+        return sync_contact(runtime(), msg).value
+    except CircuitOpen as exc:
+        raise self.retry(countdown=DEFER_SECONDS, exc=exc) from None
 
 
 @app.task(name="crmsync.plan_full")

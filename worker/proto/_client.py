@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import tenacity
 
-from ..errors import AuthError, PermanentError, ProtoError, RateLimited, RetryableError
+from ..errors import AuthError, CircuitOpen, PermanentError, ProtoError, RateLimited, RetryableError
 from . import _wire
+from ._breaker import Breaker, LocalBreaker
 from ._limiter import Limiter, LocalLimiter
 from ._retry import RetryPolicy
 
@@ -31,6 +32,7 @@ class ProtoClient:
         token: str,
         *,
         limiter: Limiter | None = None,
+        breaker: Breaker | None = None,
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
@@ -39,6 +41,7 @@ class ProtoClient:
         self.subcompany_id = subcompany_id
         self._token = token
         self._limiter = limiter or LocalLimiter(rate=50.0)
+        self._breaker = breaker or LocalBreaker()
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
         self._http = httpx.Client(
@@ -127,7 +130,29 @@ class ProtoClient:
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     def _send(self, route: str, method: str, url: str, body: Any, params: dict[str, str] | None) -> Any:
+        # Held calls take no rate-limit slot: the breaker goes first.
+        self._breaker.before_call()
         self._limiter.acquire()
+        try:
+            result = self._exchange(route, method, url, body, params)
+        except RetryableError as exc:
+            if isinstance(exc, RateLimited):
+                raise
+            self._breaker.on_failure()
+            if self._breaker.is_open():
+                # An outage, not this call's fault: hold it (free) rather than spend its error budget.
+                # A failure that may have reached the API stays "maybe sent": a ticket is not resent.
+                raise CircuitOpen(
+                    f"{exc} (circuit open: calls held)", retry_after=1.0, not_sent=exc.not_sent
+                ) from None
+            raise
+        except ProtoError:
+            self._breaker.on_success()  # a 4xx is an answer: the API is up
+            raise
+        self._breaker.on_success()
+        return result
+
+    def _exchange(self, route: str, method: str, url: str, body: Any, params: dict[str, str] | None) -> Any:
         try:
             response = self._http.request(method, url, json=body, params=params)
         except httpx.TimeoutException as exc:

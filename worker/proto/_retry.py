@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import tenacity
 from tenacity import RetryCallState
 
-from ..errors import RateLimited, RetryableError
+from ..errors import CircuitOpen, RateLimited, RetryableError
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class RetryPolicy:
     max_backoff: float = 30.0
     # 429s are free, but not endless: an API that never lets us through is an outage.
     max_rate_limited: int = 50
+    # Seconds one call may be held by an open circuit breaker before it gives up (the
+    # task then defers itself: held work is delayed, never failed).
+    max_held: float = 60.0
 
     def longest_delay(self) -> float:
         """The longest total a call may spend waiting between error retries."""
@@ -41,14 +44,18 @@ class RetryPolicy:
         # One Retrying per call, so these tallies are the call's own. They are counted in `retry`,
         # which tenacity runs first and once per failure (`wait` runs before `stop`), so that
         # `wait` and `stop` both see the failure at hand.
-        tally = {"errors": 0, "limited": 0}
+        tally = {"errors": 0, "limited": 0, "held": 0.0}
 
         def stop(state: RetryCallState) -> bool:
-            return tally["errors"] >= self.max_attempts or tally["limited"] > self.max_rate_limited
+            return (
+                tally["errors"] >= self.max_attempts
+                or tally["limited"] > self.max_rate_limited
+                or tally["held"] > self.max_held
+            )
 
         def wait(state: RetryCallState) -> float:
             exc = _exception(state)
-            if isinstance(exc, RateLimited):
+            if isinstance(exc, RateLimited | CircuitOpen):
                 return exc.retry_after
             # 429s do not grow the backoff: it follows the error attempts alone.
             return backoff(_Attempt(tally["errors"]))  # type: ignore[arg-type]
@@ -60,7 +67,10 @@ class RetryPolicy:
             limited = isinstance(exc, RateLimited)
             if not (retry_ticket or limited or exc.not_sent):
                 return False
-            tally["limited" if limited else "errors"] += 1
+            if isinstance(exc, CircuitOpen):
+                tally["held"] += exc.retry_after
+            else:
+                tally["limited" if limited else "errors"] += 1
             return True
 
         return tenacity.Retrying(wait=wait, stop=stop, retry=retry, sleep=sleep, reraise=True)

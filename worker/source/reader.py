@@ -105,14 +105,19 @@ class SourceReader:
             order = [key_col]
         after: tuple[Any, Any] | None = None
         key_chunks = (
-            [list(keys[i : i + self.batch_size]) for i in range(0, len(keys), self.batch_size)] if keys else None
+            [list(keys[i : i + self.batch_size]) for i in range(0, len(keys), self.batch_size)]
+            if keys is not None
+            else None
         )
         while True:
-            query = sa.select(table).order_by(*order).limit(self.batch_size)
+            # Rows without a key have no keyset position: they are read apart, after the others.
+            query = sa.select(table).where(key_col.is_not(None)).order_by(*order).limit(self.batch_size)
             if key_chunks is not None:
                 if not key_chunks:
                     return
-                query = sa.select(table).where(key_col.in_(key_chunks.pop(0))).order_by(key_col)
+                # Keys come as text (provided_unique_ids): compare as text, whatever the column type.
+                wanted = [str(k) for k in key_chunks.pop(0)]
+                query = sa.select(table).where(sa.cast(key_col, sa.String(255)).in_(wanted)).order_by(key_col)
             elif since is not None:
                 upd_col = table.c[src.updated_at]  # type: ignore[index]
                 if after is None:
@@ -121,13 +126,9 @@ class SourceReader:
                     query = query.where(sa.or_(upd_col > after[0], sa.and_(upd_col == after[0], key_col > after[1])))
             elif after is not None:
                 query = query.where(key_col > after[1])
-            with self._connect() as conn:
-                try:
-                    rows = [dict(r) for r in conn.execute(query).mappings()]
-                except sa.exc.SQLAlchemyError as exc:
-                    raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
+            rows = self._rows(query)
             if not rows and key_chunks is None:
-                return
+                break
             page = self._build_page(rows)
             if rows:
                 last = rows[-1]
@@ -135,7 +136,28 @@ class SourceReader:
                 page.last = after
             yield page
             if key_chunks is None and len(rows) < self.batch_size:
+                break
+        yield from self._keyless_pages(table, key_col, since)
+
+    def _keyless_pages(self, table: sa.Subquery, key_col: Any, since: Any) -> Iterator[Page]:
+        """The rows whose key is NULL, as pages of invalid rows (by offset: they have no keyset)."""
+        query = sa.select(table).where(key_col.is_(None))
+        if since is not None:
+            upd_col = table.c[self.mapping.source.updated_at]  # type: ignore[index]
+            query = query.where(upd_col >= since).order_by(upd_col)
+        offset = 0
+        while rows := self._rows(query.limit(self.batch_size).offset(offset)):
+            yield self._build_page(rows)
+            if len(rows) < self.batch_size:
                 return
+            offset += len(rows)
+
+    def _rows(self, query: sa.Select[Any]) -> list[dict[str, Any]]:
+        with self._connect() as conn:
+            try:
+                return [dict(r) for r in conn.execute(query).mappings()]
+            except sa.exc.SQLAlchemyError as exc:
+                raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
 
     def _build_page(self, rows: list[dict[str, Any]]) -> Page:
         src = self.mapping.source

@@ -1,0 +1,472 @@
+#!/usr/bin/env python
+"""Rate limit benchmark: how close do crmsync's workers keep the sandbox to its request limit?
+
+For each sandbox rate limit, latency and number of `crmsync worker` processes, one run is:
+a fresh CRM (SQLite, the schema of tests/crm.py), a fresh state DB, a flushed Redis database
+(the Celery broker and the shared limiter), a fresh `crmsync sandbox`; `crmsync init`; the
+workers started and waited for (each log says "ready"); then, timed, `crmsync sync full --wait
+--json`. The figures come from the sandbox's `/_sandbox/stats`:
+
+- end-to-end: successful (2xx) calls / wall time of the `sync` command, divided by the limit;
+- steady state: the sandbox's `requests_per_second` (requests between its first and last)
+  times the share of them that succeeded, divided by the limit;
+- the share of 429s among all requests.
+
+Beside them, in the same run, a naive client against its own fresh sandbox: a sequential loop
+of plain `httpx.put` calls (a new connection per call, no limiter, no retries) sending each
+contact's create-customer, add-tags and add-custom-fields as crmsync would.
+
+Every configuration runs `--repeats` times (interleaved) and the median is reported. Every
+process started is in its own process group and is killed on the way out, whatever happens.
+
+    python bench/ratelimit.py [--quick] [--repeats N] [--contacts N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import redis  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+
+from tests.crm import MAPPING, make_crm, write_mapping  # noqa: E402
+from worker.proto import _wire  # noqa: E402
+from worker.sandbox.config import API_BASE_PATH  # noqa: E402
+from worker.sandbox.server import sandbox_process  # noqa: E402
+from worker.source.mapping import parse_mapping  # noqa: E402
+from worker.source.reader import SourceReader  # noqa: E402
+
+SUBCOMPANY = "01HSWE652DMW6REJ1FB1135PRZ"
+TOKEN = "bench-secret-" + uuid.uuid4().hex[:12]
+DEFAULT_REDIS = "redis://127.0.0.1:6379/12"
+DEFAULT_PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+WORKER_READY_TIMEOUT = 90.0  # seconds for one worker's log to say "ready"
+COMMAND_TIMEOUT = 180.0  # `crmsync init` and other short commands
+STOP_TIMEOUT = 10.0  # SIGTERM to SIGKILL
+HTTP_TIMEOUT = 30.0  # each request of the naive client and each stats read
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+class Processes:
+    """Every process this script starts, each in a session (process group) of its own."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=out, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, procs: list[subprocess.Popen[bytes]] | None = None) -> None:
+        """SIGTERM each group, SIGKILL what is left after STOP_TIMEOUT; forget them."""
+        targets = list(self.procs if procs is None else procs)
+        for p in targets:
+            _signal_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for p in targets:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(p, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(STOP_TIMEOUT)
+            # Threads or children left in the group (a worker's pool) go too.
+            _signal_group(p, signal.SIGKILL)
+            if p in self.procs:
+                self.procs.remove(p)
+
+
+def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, sig)
+
+
+PROCS = Processes()
+
+
+def _on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every `finally`, which stop the processes
+
+
+def crmsync_argv(*args: str) -> list[str]:
+    """`crmsync ARGS` with the interpreter running this script."""
+    exe = Path(sys.executable).with_name("crmsync")
+    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "worker.cli", *args]
+
+
+# -- configuration and results -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    limit: float
+    latency_ms: float
+    workers: int  # 0: the naive client
+
+    @property
+    def jitter_ms(self) -> float:
+        return 10.0 if self.latency_ms > 0 else 0.0
+
+    def sandbox_args(self) -> list[str]:
+        args = ["--subcompany-id", SUBCOMPANY, "--token", TOKEN, "--rate-limit", f"{self.limit:g}"]
+        args += ["--latency-ms", f"{self.latency_ms:g}", "--jitter-ms", f"{self.jitter_ms:g}"]
+        return args
+
+
+@dataclass
+class Result:
+    total: int  # API requests the sandbox saw
+    ok: int  # 2xx among them
+    limited: int  # 429s among them
+    wall: float  # seconds of the timed part
+    rps: float  # the sandbox's requests_per_second
+    note: str = ""
+    run_seconds: float | None = None  # the run's own duration as crmsync records it (--json "seconds")
+
+    def e2e(self, limit: float) -> float:
+        return self.ok / self.wall / limit if self.wall > 0 else 0.0
+
+    def steady(self, limit: float) -> float:
+        return self.rps * (self.ok / self.total) / limit if self.total else 0.0
+
+    def share_429(self) -> float:
+        return self.limited / self.total if self.total else 0.0
+
+
+def get_json(url: str) -> Any:
+    r = httpx.get(url, timeout=HTTP_TIMEOUT, trust_env=False)
+    r.raise_for_status()
+    return r.json()
+
+
+def read_stats(root: str) -> dict[str, Any]:
+    return get_json(f"{root}/_sandbox/stats")
+
+
+def result_from(stats: dict[str, Any], wall: float, note: str = "") -> Result:
+    by_status = {str(k): int(v) for k, v in stats.get("by_status", {}).items()}
+    ok = sum(v for k, v in by_status.items() if k.startswith("2"))
+    return Result(
+        total=int(stats["total"]),
+        ok=ok,
+        limited=by_status.get("429", 0),
+        wall=wall,
+        rps=float(stats.get("requests_per_second") or 0.0),
+        note=note,
+    )
+
+
+# -- one run -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def state_database(kind: str, run_dir: Path, pg_admin: str) -> Iterator[str]:
+    """A fresh state DB: a SQLite file in the run's folder, or a new PostgreSQL database."""
+    if kind == "sqlite":
+        yield f"sqlite:///{run_dir / 'state.db'}"
+        return
+    name = "crmsync_bench_" + uuid.uuid4().hex[:10]
+    admin = sa.create_engine(pg_admin, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without any CRMSYNC_ setting (the runs set their own)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_")}
+
+
+def run_command(argv: list[str], env: dict[str, str], cwd: Path, log: Path, timeout: float) -> None:
+    """Run a short command to completion, bounded by `timeout`; its output goes to `log`."""
+    proc = PROCS.start(argv, env, cwd, log)  # in the registry, so an interruption kills it too
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"'{shlex.join(argv[-4:])}' did not finish within {timeout:.0f} s; see {log}") from None
+    finally:
+        PROCS.stop([proc])
+    if proc.returncode != 0:
+        raise RuntimeError(f"'{shlex.join(argv[-4:])}' exited {proc.returncode}; see {log}")
+
+
+def wait_ready(log: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Block until the worker's log says "ready"; fail if it dies or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and " ready." in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"a worker exited ({proc.returncode}) before it was ready; see {log}")
+        time.sleep(0.1)
+    raise RuntimeError(f"a worker was not ready within {timeout:.0f} s; see {log}")
+
+
+def run_crmsync(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namespace) -> Result:
+    """One timed full sync by `cfg.workers` crmsync workers against a fresh sandbox."""
+    redis.Redis.from_url(opts.redis_url).flushdb()
+    crm_url = f"sqlite:///{run_dir / 'crm.db'}"
+    make_crm(crm_url, contacts).dispose()
+    mapping = write_mapping(run_dir, MAPPING)
+    workers: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as stack:
+        state_url = stack.enter_context(state_database(opts.state, run_dir, opts.pg_admin))
+        env = base_env()
+        env.update(
+            CRMSYNC_SOURCE_URL=crm_url,
+            CRMSYNC_STATE_URL=state_url,
+            CRMSYNC_BROKER_URL=opts.redis_url,
+            CRMSYNC_MAPPING=str(mapping),
+            CRMSYNC_PROTO_SUBCOMPANY_ID=SUBCOMPANY,
+            CRMSYNC_PROTO_TOKEN=TOKEN,
+            CRMSYNC_RATE_LIMIT=f"{cfg.limit:g}",
+        )
+        if opts.concurrency:
+            env["CRMSYNC_WORKER_CONCURRENCY"] = str(opts.concurrency)
+        base = stack.enter_context(sandbox_process(*cfg.sandbox_args(), env=env))
+        root = base.removesuffix(API_BASE_PATH)
+        env["CRMSYNC_PROTO_BASE_URL"] = base
+        run_command(crmsync_argv("init"), env, run_dir, run_dir / "init.log", COMMAND_TIMEOUT)
+        try:
+            logs = []
+            for i in range(cfg.workers):
+                log = run_dir / f"worker-{i}.log"
+                workers.append(PROCS.start(crmsync_argv("worker"), env, run_dir, log))
+                logs.append(log)
+            for proc, log in zip(workers, logs, strict=True):
+                wait_ready(log, proc, WORKER_READY_TIMEOUT)
+            before = read_stats(root)
+            if before["total"]:
+                raise RuntimeError(f"the sandbox saw {before['total']} requests before the sync")
+            # Generous but bounded: ten times the ideal duration, and at least two minutes.
+            timeout = max(120.0, 10 * contacts * 3 / cfg.limit)
+            argv = crmsync_argv("sync", "full", "--wait", "--json")
+            log = run_dir / "sync.log"
+            with open(run_dir / "sync.out", "wb") as out, open(log, "ab") as err:
+                started = time.monotonic()
+                proc = subprocess.Popen(argv, env=env, cwd=run_dir, stdout=out, stderr=err, start_new_session=True)
+                PROCS.procs.append(proc)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError(f"the sync did not finish within {timeout:.0f} s; see {run_dir}") from None
+                finally:
+                    wall = time.monotonic() - started
+                    PROCS.stop([proc])
+            if proc.returncode != 0:
+                raise RuntimeError(f"the sync exited {proc.returncode}; see {log}")
+            stats = read_stats(root)
+        finally:
+            PROCS.stop(workers)
+    summary = json.loads((run_dir / "sync.out").read_text())
+    counts = summary.get("counts", {})
+    note = ""
+    if counts.get("synced") != contacts or counts.get("dead"):
+        note = f"synced {counts.get('synced')}/{contacts}, dead-lettered {counts.get('dead')}"
+    result = result_from(stats, wall, note)
+    result.run_seconds = summary.get("seconds")
+    return result
+
+
+def run_naive(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namespace) -> Result:
+    """A sequential loop of plain httpx calls, new connection each, no limiter, no retries."""
+    crm_url = f"sqlite:///{run_dir / 'crm.db'}"
+    engine = make_crm(crm_url, contacts)
+    mapping = parse_mapping(MAPPING).mapping
+    people = [c for page in SourceReader(engine, mapping).pages() for c in page.contacts]
+    engine.dispose()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    errors = 0
+    with sandbox_process(*cfg.sandbox_args(), env=base_env()) as base:
+        root = base.removesuffix(API_BASE_PATH)
+
+        def call(method: str, route: str, body: Any, **params: str) -> httpx.Response | None:
+            nonlocal errors
+            url = base + _wire.path(route, SUBCOMPANY, **params)
+            try:
+                return httpx.request(method, url, json=body, headers=headers, timeout=HTTP_TIMEOUT, trust_env=False)
+            except httpx.HTTPError:
+                errors += 1
+                return None
+
+        started = time.monotonic()
+        # The custom fields must exist before values are set: one POST each, as crmsync's plan does.
+        field_ids: dict[str, str] = {}
+        for spec in mapping.column_fields:
+            assert spec.name is not None
+            body = _wire.create_field_body(spec.name, spec.type, spec.options)
+            r = call("POST", "create_custom_field", body)
+            if r is not None and r.is_success:
+                field_ids[spec.name] = str(r.json()["id"])
+        for c in people:
+            call("PUT", "upsert_customer", _wire.customer_body(c.profile), provided_unique_id=c.key)
+            if c.tags:
+                call("PUT", "add_tags", _wire.tags_body(c.tags), provided_unique_id=c.key)
+            if c.fields:
+                # A field whose creation failed (a 429) is named instead: the sandbox accepts both.
+                values = [
+                    {"id": field_ids[k], "value": v} if k in field_ids else {"name": k, "value": v}
+                    for k, v in c.fields.items()
+                ]
+                call("PUT", "add_custom_fields", {"custom_fields": values}, provided_unique_id=c.key)
+        wall = time.monotonic() - started
+        stats = read_stats(root)
+    return result_from(stats, wall, f"{errors} transport errors" if errors else "")
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+def fmt_ratio(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}" if values else "n/a"
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}" if len(values) > 1 else ""
+
+
+def table(results: dict[Config, list[Result]], configs: list[Config], repeats: int) -> str:
+    head = (
+        "| limit (req/s) | latency | client | successful calls | wall s | "
+        "end-to-end calls/s ÷ limit | steady calls/s ÷ limit | 429 share |"
+    )
+    lines = [head, "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for cfg in configs:
+        rs = results.get(cfg, [])
+        latency = f"{cfg.latency_ms:g} ± {cfg.jitter_ms:g} ms" if cfg.latency_ms else "0 ms"
+        client = "naive loop" if cfg.workers == 0 else f"crmsync, {cfg.workers} worker{'s' if cfg.workers > 1 else ''}"
+        if not rs:
+            lines.append(f"| {cfg.limit:g} | {latency} | {client} | failed | | | | |")
+            continue
+        e2e = [r.e2e(cfg.limit) for r in rs]
+        steady = [r.steady(cfg.limit) for r in rs]
+        share = [r.share_429() for r in rs]
+        e2e_text = fmt_ratio(e2e) + (f" ({spread(e2e)})" if repeats > 1 else "")
+        steady_text = fmt_ratio(steady) + (f" ({spread(steady)})" if repeats > 1 else "")
+        failed = f", {repeats - len(rs)} failed" if len(rs) < repeats else ""
+        notes = "; ".join(sorted({r.note for r in rs if r.note}))
+        lines.append(
+            f"| {cfg.limit:g} | {latency} | {client}{failed}{' (' + notes + ')' if notes else ''} "
+            f"| {statistics.median(r.ok for r in rs):.0f} | {statistics.median(r.wall for r in rs):.1f} "
+            f"| {e2e_text} | {steady_text} | {100 * statistics.median(share):.2f}% |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="fewer contacts (60) and 1 repeat: a smoke run")
+    ap.add_argument("--repeats", type=int, help="runs per configuration, median reported (default 3)")
+    ap.add_argument("--contacts", type=int, help="contacts per run (default 225: ~600 API calls)")
+    ap.add_argument("--limits", default="50,200", help="sandbox rate limits, requests/s (default 50,200)")
+    ap.add_argument("--latencies", default="0,100", help="sandbox latencies, ms (default 0,100; jitter 10 when > 0)")
+    ap.add_argument("--workers", default="1,2,4", help="crmsync worker process counts (default 1,2,4)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive-loop baseline")
+    ap.add_argument("--concurrency", type=int, help="CRMSYNC_WORKER_CONCURRENCY (default: crmsync's, 16)")
+    ap.add_argument("--state", choices=["sqlite", "postgres"], default="sqlite", help="state DB (default sqlite)")
+    ap.add_argument("--pg-admin", default=DEFAULT_PG_ADMIN, help="PostgreSQL admin URL for --state postgres")
+    ap.add_argument("--redis-url", default=DEFAULT_REDIS, help=f"broker and limiter; FLUSHED (default {DEFAULT_REDIS})")
+    ap.add_argument("--keep", action="store_true", help="keep the runs' folders (logs, databases)")
+    args = ap.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.contacts is None:
+        args.contacts = 60 if args.quick else 225
+    return args
+
+
+def reproduce(args: argparse.Namespace) -> str:
+    parts = ["python", "bench/ratelimit.py", "--repeats", str(args.repeats), "--contacts", str(args.contacts)]
+    parts += ["--limits", args.limits, "--latencies", args.latencies, "--workers", args.workers]
+    parts += ["--state", args.state, "--redis-url", args.redis_url]
+    if args.concurrency:
+        parts += ["--concurrency", str(args.concurrency)]
+    if args.no_naive:
+        parts.append("--no-naive")
+    return shlex.join(parts)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    limits = [float(x) for x in args.limits.split(",")]
+    latencies = [float(x) for x in args.latencies.split(",")]
+    counts = [int(x) for x in args.workers.split(",")]
+    configs = [
+        Config(limit, latency, n)
+        for limit in limits
+        for latency in latencies
+        for n in ([] if args.no_naive else [0]) + counts
+    ]
+    results: dict[Config, list[Result]] = {}
+    work = Path(tempfile.mkdtemp(prefix="crmsync-bench-ratelimit-"))
+    started = time.monotonic()
+    print(f"# runs in {work}", file=sys.stderr)
+    try:
+        for rep in range(args.repeats):
+            for cfg in configs:  # interleaved: machine noise spreads over every configuration
+                run_dir = work / f"r{rep}-l{cfg.limit:g}-d{cfg.latency_ms:g}-w{cfg.workers}"
+                run_dir.mkdir()
+                runner = run_naive if cfg.workers == 0 else run_crmsync
+                try:
+                    r = runner(cfg, args.contacts, run_dir, args)
+                except (RuntimeError, OSError, httpx.HTTPError, redis.RedisError, sa.exc.SQLAlchemyError) as exc:
+                    print(f"# {run_dir.name}: FAILED: {exc}", file=sys.stderr)
+                    continue
+                results.setdefault(cfg, []).append(r)
+                print(
+                    f"# {run_dir.name}: {r.ok} ok / {r.total} requests in {r.wall:.1f} s; "
+                    f"e2e {r.e2e(cfg.limit):.2f}, steady {r.steady(cfg.limit):.2f}, "
+                    f"429 {100 * r.share_429():.2f}%; run {r.run_seconds} s {r.note} "
+                    f"[{time.monotonic() - started:.0f} s]",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        PROCS.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(reproduce(args))
+    print()
+    print(
+        f"{dt.date.today().isoformat()}, {os.cpu_count()} CPUs, {args.contacts} contacts per run, "
+        f"median of {args.repeats} (min–max in brackets), state DB {args.state}, broker and limiter on Redis"
+    )
+    print()
+    print(table(results, configs, args.repeats))
+    return 0 if all(len(results.get(c, [])) == args.repeats for c in configs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
