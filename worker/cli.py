@@ -143,7 +143,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .jobs import runtime
     from .queues import Queue
 
-    settings = runtime().settings
+    rt = runtime()
+    rt.check_timing()
+    settings = rt.settings
     argv = [
         "worker",
         "--pool",

@@ -120,6 +120,8 @@ def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, valu
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
+    if spec_type != "text" and isinstance(value, str) and not value.strip():
+        return None  # an empty cell in a typed column means "no value", as NULL does
     bad = InvalidRecord("field_type", f"custom field {name!r} ({spec_type}) cannot hold {str(value)[:60]!r}", name)
     if spec_type == "number":
         if isinstance(value, bool):

@@ -6,6 +6,7 @@ Each builds what it needs from the settings of this process and nothing more.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -25,8 +26,10 @@ from .source.mapping import load_mapping
 from .source.reader import SourceReader, source_engine
 from .sync import message
 
+log = logging.getLogger(__name__)
 _RUNTIME: Runtime | None = None
 PLAN_LOCK_TTL = 3600.0
+RECONCILE_EVERY = 5.0
 
 
 class RunInProgress(CrmsyncError):
@@ -135,6 +138,45 @@ def _replay_as_recorded(rt: Runtime, letters: list[dict[str, Any]]) -> PlanResul
     return result
 
 
+def queue_depth() -> int:
+    """Tasks waiting on the broker, over every crmsync queue (in-flight tasks not included)."""
+    from .celery_app import app
+
+    depth = 0
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        for queue in Queue:
+            try:
+                depth += channel.queue_declare(queue=queue.value, passive=True).message_count
+            except conn.channel_errors:
+                continue  # never declared: nothing ever waited there
+    return depth
+
+
+def reconcile(rt: Runtime | None = None, run_id: str | None = None) -> dict[str, int]:
+    """Re-send the tasks of stalled runs: planned, not done, nothing moving, nothing queued.
+
+    A task is lost when a worker is killed with it, or Redis restarts empty. Re-sending is
+    safe: a task that turns up after all finds the customer synced and sends nothing.
+    """
+    rt = rt or runtime()
+    runs = [r for r in rt.store.running_runs() if run_id in (None, r["id"])]
+    stalled = {r["id"]: (r["kind"], rt.store.stalled_keys(r["id"], rt.settings.reconcile_after)) for r in runs}
+    stalled = {k: v for k, v in stalled.items() if v[1]}
+    if not stalled or queue_depth() > 0:
+        return {}
+    resent = {}
+    for rid, (kind, keys) in stalled.items():
+        log.warning(
+            "run %s: %d contacts made no progress for %.0f s with nothing queued: re-sending them",
+            rid,
+            len(keys),
+            rt.settings.reconcile_after,
+        )
+        resent[rid] = planner(rt).plan(kind, keys=keys, into_run=rid).counts["enqueued"]
+    return resent
+
+
 def wait_for_run(
     rt: Runtime,
     run_id: str,
@@ -142,8 +184,16 @@ def wait_for_run(
     alive: Callable[[], bool] = lambda: True,
     poll: float = 0.2,
 ) -> dict[str, Any]:
-    """Block until every customer of the run is synced or dead-lettered; returns the closed run."""
+    """Block until every customer of the run is synced or dead-lettered; returns the closed run.
+
+    On Redis it also reconciles the run every few seconds, so tasks lost with a killed
+    worker are re-sent once the run stalls, not when Redis's visibility timeout expires.
+    """
+    next_reconcile = time.monotonic() + RECONCILE_EVERY
     while True:
+        if not rt.settings.embedded_broker and time.monotonic() >= next_reconcile:
+            reconcile(rt, run_id)
+            next_reconcile = time.monotonic() + RECONCILE_EVERY
         progress = rt.store.run_progress(run_id)
         if on_progress:
             on_progress(progress)

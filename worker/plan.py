@@ -75,23 +75,37 @@ class Planner:
         dry_run: bool = False,
         keys: Sequence[str] | None = None,
         progress: Progress | None = None,
+        into_run: str | None = None,
     ) -> PlanResult:
-        """Plan one run of `kind` (full, incremental, replay); returns its counts."""
+        """Plan one run of `kind` (full, incremental, replay); returns its counts.
+
+        `into_run` plans `keys` again into that existing run (the reconciler's re-send of
+        lost tasks) instead of opening a new one.
+        """
         store = self.rt.store
-        store.close_done_runs()
-        result = PlanResult(kind, None if dry_run else store.start_run(kind))
+        if into_run:
+            result = PlanResult(kind, into_run)
+        else:
+            store.close_done_runs()
+            result = PlanResult(kind, None if dry_run else store.start_run(kind))
         since = self._since() if kind == "incremental" else None
         registry = store.field_ids()
+        newest: dt.datetime | None = None
         try:
             for page in self.reader.pages(since=since, keys=keys):
                 self._plan_page(page, result, registry, force=force, dry_run=dry_run)
+                if page.max_updated is not None and (newest is None or page.max_updated > newest):
+                    newest = page.max_updated
                 if progress:
                     progress(result.counts)
         except Exception as exc:
             if result.run_id:
                 store.update_run(result.run_id, status="failed", finished_at=utcnow(), error=self.rt.redact(str(exc)))
             raise
-        if result.run_id:
+        if kind == "full" and newest is not None and result.run_id and not into_run:
+            # A full sync reads in key order: only once it is all planned may the watermark move.
+            store.advance_cursor(newest)
+        if result.run_id and not into_run:
             c = result.counts
             store.update_run(
                 result.run_id,
@@ -146,7 +160,8 @@ class Planner:
             msgs = [message(run_id, c, was_dead=d, force=force) for c, d in planned]
             self.enqueue(queue_for(result.kind), msgs)
             counts["enqueued"] += len(msgs)
-        if page.max_updated is not None and result.kind != "replay":
+        if page.max_updated is not None and result.kind == "incremental":
+            # Pages come in updated_at order: all before this point is durably planned.
             self.rt.store.advance_cursor(page.max_updated)
 
     def _record_invalid(self, rows: list[InvalidRow], run_id: str) -> None:

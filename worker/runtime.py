@@ -79,9 +79,36 @@ class Runtime:
             s.proto_token.get_secret_value(),
             limiter=self.limiter,
             breaker=self.breaker,
-            retry=RetryPolicy(max_attempts=s.max_attempts),
+            retry=self.retry_policy(),
             timeout=s.request_timeout,
         )
+
+    def retry_policy(self) -> RetryPolicy:
+        """How API calls are retried in this process."""
+        return RetryPolicy(max_attempts=self.settings.max_attempts)
+
+    def check_timing(self) -> None:
+        """Refuse to start a worker whose tasks could outlive the broker's visibility timeout.
+
+        Redis hands a task that is not acknowledged within the visibility timeout to another
+        worker: a task that may run (retries and waits included) longer would run twice.
+        """
+        s = self.settings
+        policy = self.retry_policy()
+        # Three calls per task, each at worst its error backoff plus its time on hold.
+        worst = 3 * (policy.longest_delay() + policy.max_held + s.max_attempts * s.request_timeout)
+        if worst > s.task_time_limit:
+            raise ConfigError(
+                f"setting CRMSYNC_TASK_TIME_LIMIT ({s.task_time_limit} s) is below the longest a task may "
+                f"take with CRMSYNC_MAX_ATTEMPTS={s.max_attempts} and CRMSYNC_REQUEST_TIMEOUT={s.request_timeout:g} "
+                f"({worst:.0f} s): raise it, or lower those"
+            )
+        if not s.embedded_broker and s.visibility_timeout < s.task_time_limit + 60:
+            raise ConfigError(
+                f"setting CRMSYNC_VISIBILITY_TIMEOUT ({s.visibility_timeout} s) must exceed "
+                f"CRMSYNC_TASK_TIME_LIMIT ({s.task_time_limit} s) by a minute at least, or Redis would "
+                "deliver a running task a second time"
+            )
 
     def field_id(self, name: str) -> str | None:
         """The Proto id of a custom field, from a process cache refilled from the registry on a miss."""

@@ -32,15 +32,21 @@ class Settings(BaseSettings):
     proto_token_file: Path | None = Field(None, description="File holding the bearer token.")
     rate_limit: float = Field(DEFAULT_RATE_LIMIT, gt=0, description="API requests per second per sub-company.")
     rate_burst: int = Field(1, ge=1, description="Requests the limiter may send back to back.")
-    request_timeout: float = Field(30.0, gt=0, description="Seconds before an API call times out.")
-    max_attempts: int = Field(5, ge=1, description="Tries of one API call on errors (429s are not counted).")
+    request_timeout: float = Field(10.0, gt=0, description="Seconds before an API call times out.")
+    max_attempts: int = Field(4, ge=1, description="Tries of one API call on errors (429s are not counted).")
     batch_size: int = Field(1000, ge=1, le=10000, description="Contacts read per source page.")
     lookback_seconds: float = Field(300.0, ge=0, description="Incremental syncs re-read this far behind the watermark.")
     incremental_every: float = Field(60.0, gt=0, description="Seconds between beat's incremental syncs.")
     full_sync_cron: str = Field("0 2 * * *", description="Cron line of beat's nightly full sync.")
+    reconcile_after: float = Field(
+        60.0, gt=0, description="Seconds a run may make no progress, queue empty, before its lost tasks are re-sent."
+    )
     worker_concurrency: int = Field(16, ge=1, description="Threads per worker process.")
+    task_time_limit: int = Field(
+        240, ge=10, description="Seconds a sync task may run before it is stopped (and retried)."
+    )
     visibility_timeout: int = Field(
-        600, ge=30, description="Seconds before Redis hands an unacknowledged task to another worker."
+        300, ge=30, description="Seconds before Redis hands an unacknowledged task to another worker."
     )
 
     @model_validator(mode="after")

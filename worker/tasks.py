@@ -8,7 +8,7 @@ from celery import Task
 
 from .celery_app import app
 from .errors import CircuitOpen
-from .jobs import RunInProgress, plan_run, runtime
+from .jobs import RunInProgress, plan_run, reconcile, runtime
 from .sync import sync_contact
 
 # Well below the broker's visibility timeout, so a deferred task is never delivered twice.
@@ -43,3 +43,9 @@ def plan_incremental() -> dict[str, Any]:
         return plan_run("incremental")
     except RunInProgress as exc:
         return {"skipped": str(exc)}
+
+
+@app.task(name="crmsync.reconcile")
+def reconcile_runs() -> dict[str, int]:
+    """Beat's check for runs whose tasks were lost (killed worker, Redis restarted empty)."""
+    return reconcile()

@@ -142,9 +142,7 @@ class ProtoClient:
             if self._breaker.is_open():
                 # An outage, not this call's fault: hold it (free) rather than spend its error budget.
                 # A failure that may have reached the API stays "maybe sent": a ticket is not resent.
-                raise CircuitOpen(
-                    f"{exc} (circuit open: calls held)", retry_after=1.0, not_sent=exc.not_sent
-                ) from None
+                raise CircuitOpen(f"{exc} (circuit open: calls held)", retry_after=1.0, not_sent=exc.not_sent) from None
             raise
         except ProtoError:
             self._breaker.on_success()  # a 4xx is an answer: the API is up

@@ -26,7 +26,7 @@ class RetryPolicy:
     max_rate_limited: int = 50
     # Seconds one call may be held by an open circuit breaker before it gives up (the
     # task then defers itself: held work is delayed, never failed).
-    max_held: float = 60.0
+    max_held: float = 20.0
 
     def longest_delay(self) -> float:
         """The longest total a call may spend waiting between error retries."""

@@ -227,6 +227,22 @@ class StateStore:
             )
             return {status: n for status, n in rows}
 
+    def stalled_keys(self, run_id: str, quiet_for: float) -> list[str]:
+        """Customers still queued by a run in which nothing has moved for `quiet_for` seconds."""
+        cutoff = utcnow() - dt.timedelta(seconds=quiet_for)
+        in_run = STATE.c.last_run_id == run_id
+        with self.engine.connect() as conn:
+            last = conn.execute(sa.select(sa.func.max(STATE.c.updated_at)).where(in_run)).scalar()
+            if last is None or last > cutoff:
+                return []
+            query = sa.select(STATE.c.provided_unique_id).where(in_run, STATE.c.status == "queued")
+            return list(conn.execute(query).scalars())
+
+    def running_runs(self) -> list[dict[str, Any]]:
+        """Runs whose customers are not all done yet."""
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(sa.select(RUNS).where(RUNS.c.status == "running")).mappings()]
+
     def close_done_runs(self) -> list[str]:
         """Close the running runs that have no customer left queued (nobody waited on them)."""
         with self.engine.connect() as conn:
