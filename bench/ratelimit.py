@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import shlex
@@ -36,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -66,6 +68,7 @@ WORKER_READY_TIMEOUT = 90.0  # seconds for one worker's log to say "ready"
 COMMAND_TIMEOUT = 180.0  # `crmsync init` and other short commands
 STOP_TIMEOUT = 10.0  # SIGTERM to SIGKILL
 HTTP_TIMEOUT = 30.0  # each request of the naive client and each stats read
+SAMPLE_EVERY = 0.05  # seconds between two reads of /_sandbox/stats during a timed part
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -148,12 +151,19 @@ class Result:
     rps: float  # the sandbox's requests_per_second
     note: str = ""
     run_seconds: float | None = None  # the run's own duration as crmsync records it (--json "seconds")
+    mid_rate: float = 0.0  # successful calls/s between 10% and 90% of them (sampled stats)
+    first_call: float = 0.0  # seconds from the start of the timed part to the first API request
+    tail: float = 0.0  # seconds from the last API request to the end of the timed part
+    cpu_busy: float = 0.0  # share of the machine's CPU time busy during the timed part
 
     def e2e(self, limit: float) -> float:
         return self.ok / self.wall / limit if self.wall > 0 else 0.0
 
     def steady(self, limit: float) -> float:
         return self.rps * (self.ok / self.total) / limit if self.total else 0.0
+
+    def mid(self, limit: float) -> float:
+        return self.mid_rate / limit
 
     def share_429(self) -> float:
         return self.limited / self.total if self.total else 0.0
@@ -180,6 +190,77 @@ def result_from(stats: dict[str, Any], wall: float, note: str = "") -> Result:
         rps=float(stats.get("requests_per_second") or 0.0),
         note=note,
     )
+
+
+class Sampler:
+    """Polls /_sandbox/stats every SAMPLE_EVERY s in a thread, and the machine's CPU counters.
+
+    Gives what the sandbox's own `requests_per_second` cannot separate: when the first and the
+    last request came relative to the timed part, and the rate in the middle of the run.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.samples: list[tuple[float, int, int]] = []  # (monotonic, total, 2xx)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stats-sampler", daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self.started = time.monotonic()
+        self._cpu0 = _cpu_times()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ended = time.monotonic()
+        self._stop.set()
+        self._thread.join(HTTP_TIMEOUT)
+        busy0, all0 = self._cpu0
+        busy1, all1 = _cpu_times()
+        self.cpu_busy = (busy1 - busy0) / (all1 - all0) if all1 > all0 else 0.0
+
+    def _run(self) -> None:
+        with httpx.Client(trust_env=False, timeout=5.0) as client:
+            while not self._stop.is_set():
+                try:
+                    st = client.get(f"{self.root}/_sandbox/stats").json()
+                except (httpx.HTTPError, ValueError):
+                    st = None
+                if st is not None:
+                    ok = sum(int(v) for k, v in st.get("by_status", {}).items() if str(k).startswith("2"))
+                    self.samples.append((time.monotonic(), int(st["total"]), ok))
+                self._stop.wait(SAMPLE_EVERY)
+
+    def fill(self, result: Result) -> None:
+        """Set the sampled figures of `result` (final counts from `result`)."""
+        pts = [(self.started, 0, 0), *self.samples]
+        first = next((t for t, total, _ in pts if total > 0), self.ended)
+        last = next((t for t, total, _ in pts if total >= result.total), self.ended)
+        result.first_call = max(0.0, first - self.started)
+        result.tail = max(0.0, self.ended - last)
+        result.cpu_busy = self.cpu_busy
+        lo, hi = _crossing(pts, 0.1 * result.ok), _crossing(pts, 0.9 * result.ok)
+        if lo is not None and hi is not None and hi > lo:
+            result.mid_rate = 0.8 * result.ok / (hi - lo)
+
+
+def _crossing(pts: list[tuple[float, int, int]], level: float) -> float | None:
+    """When the 2xx count reached `level`, interpolated between samples."""
+    for (t0, _, a), (t1, _, b) in itertools.pairwise(pts):
+        if a < level <= b:
+            return t0 + (t1 - t0) * (level - a) / (b - a)
+    return None
+
+
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat (zeros where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -273,7 +354,7 @@ def run_crmsync(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namesp
             timeout = max(120.0, 10 * contacts * 3 / cfg.limit)
             argv = crmsync_argv("sync", "full", "--wait", "--json")
             log = run_dir / "sync.log"
-            with open(run_dir / "sync.out", "wb") as out, open(log, "ab") as err:
+            with open(run_dir / "sync.out", "wb") as out, open(log, "ab") as err, Sampler(root) as sampler:
                 started = time.monotonic()
                 proc = subprocess.Popen(argv, env=env, cwd=run_dir, stdout=out, stderr=err, start_new_session=True)
                 PROCS.procs.append(proc)
@@ -296,6 +377,7 @@ def run_crmsync(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namesp
         note = f"synced {counts.get('synced')}/{contacts}, dead-lettered {counts.get('dead')}"
     result = result_from(stats, wall, note)
     result.run_seconds = summary.get("seconds")
+    sampler.fill(result)
     return result
 
 
@@ -315,71 +397,70 @@ def run_naive(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namespac
             nonlocal errors
             url = base + _wire.path(route, SUBCOMPANY, **params)
             try:
-                return httpx.request(method, url, json=body, headers=headers, timeout=HTTP_TIMEOUT, trust_env=False)
+                send = httpx.put if method == "PUT" else httpx.post  # a new connection each time
+                return send(url, json=body, headers=headers, timeout=HTTP_TIMEOUT, trust_env=False)
             except httpx.HTTPError:
                 errors += 1
                 return None
 
-        started = time.monotonic()
-        # The custom fields must exist before values are set: one POST each, as crmsync's plan does.
-        field_ids: dict[str, str] = {}
-        for spec in mapping.column_fields:
-            assert spec.name is not None
-            body = _wire.create_field_body(spec.name, spec.type, spec.options)
-            r = call("POST", "create_custom_field", body)
-            if r is not None and r.is_success:
-                field_ids[spec.name] = str(r.json()["id"])
-        for c in people:
-            call("PUT", "upsert_customer", _wire.customer_body(c.profile), provided_unique_id=c.key)
-            if c.tags:
-                call("PUT", "add_tags", _wire.tags_body(c.tags), provided_unique_id=c.key)
-            if c.fields:
-                # A field whose creation failed (a 429) is named instead: the sandbox accepts both.
-                values = [
-                    {"id": field_ids[k], "value": v} if k in field_ids else {"name": k, "value": v}
-                    for k, v in c.fields.items()
-                ]
-                call("PUT", "add_custom_fields", {"custom_fields": values}, provided_unique_id=c.key)
-        wall = time.monotonic() - started
+        with Sampler(root) as sampler:
+            started = time.monotonic()
+            # The custom fields must exist before values are set: one POST each, as crmsync's plan does.
+            field_ids: dict[str, str] = {}
+            for spec in mapping.column_fields:
+                assert spec.name is not None
+                body = _wire.create_field_body(spec.name, spec.type, spec.options)
+                r = call("POST", "create_custom_field", body)
+                if r is not None and r.is_success:
+                    field_ids[spec.name] = str(r.json()["id"])
+            for c in people:
+                call("PUT", "upsert_customer", _wire.customer_body(c.profile), provided_unique_id=c.key)
+                if c.tags:
+                    call("PUT", "add_tags", _wire.tags_body(c.tags), provided_unique_id=c.key)
+                if c.fields:
+                    # A field whose creation failed (a 429) is named instead: the sandbox accepts both.
+                    values = [
+                        {"id": field_ids[k], "value": v} if k in field_ids else {"name": k, "value": v}
+                        for k, v in c.fields.items()
+                    ]
+                    call("PUT", "add_custom_fields", {"custom_fields": values}, provided_unique_id=c.key)
+            wall = time.monotonic() - started
         stats = read_stats(root)
-    return result_from(stats, wall, f"{errors} transport errors" if errors else "")
+    result = result_from(stats, wall, f"{errors} transport errors" if errors else "")
+    sampler.fill(result)
+    return result
 
 
 # -- the benchmark -----------------------------------------------------------------------------
 
 
-def fmt_ratio(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f}" if values else "n/a"
-
-
-def spread(values: list[float]) -> str:
-    return f"{min(values):.2f}–{max(values):.2f}" if len(values) > 1 else ""
-
-
 def table(results: dict[Config, list[Result]], configs: list[Config], repeats: int) -> str:
     head = (
-        "| limit (req/s) | latency | client | successful calls | wall s | "
-        "end-to-end calls/s ÷ limit | steady calls/s ÷ limit | 429 share |"
+        "| limit (req/s) | latency | client | ok calls | wall s | end-to-end ÷ limit | steady ÷ limit "
+        "| 429 share | mid-run ÷ limit | 1st call after s | CPU busy |"
     )
-    lines = [head, "|---:|---|---|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for cfg in configs:
         rs = results.get(cfg, [])
         latency = f"{cfg.latency_ms:g} ± {cfg.jitter_ms:g} ms" if cfg.latency_ms else "0 ms"
         client = "naive loop" if cfg.workers == 0 else f"crmsync, {cfg.workers} worker{'s' if cfg.workers > 1 else ''}"
         if not rs:
-            lines.append(f"| {cfg.limit:g} | {latency} | {client} | failed | | | | |")
+            lines.append(f"| {cfg.limit:g} | {latency} | {client}: failed | | | | | | | | |")
             continue
-        e2e = [r.e2e(cfg.limit) for r in rs]
-        steady = [r.steady(cfg.limit) for r in rs]
-        share = [r.share_429() for r in rs]
-        e2e_text = fmt_ratio(e2e) + (f" ({spread(e2e)})" if repeats > 1 else "")
-        steady_text = fmt_ratio(steady) + (f" ({spread(steady)})" if repeats > 1 else "")
+
+        def ratio(values: list[float]) -> str:
+            text = f"{statistics.median(values):.2f}"
+            return text + (f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else "")
+
         failed = f", {repeats - len(rs)} failed" if len(rs) < repeats else ""
         notes = "; ".join(sorted({r.note for r in rs if r.note}))
+        client += failed + (f" ({notes})" if notes else "")
+        med = statistics.median
         lines.append(
-            f"| {cfg.limit:g} | {latency} | {client}{failed}{' (' + notes + ')' if notes else ''} "
-            f"| {statistics.median(r.ok for r in rs):.0f} | {statistics.median(r.wall for r in rs):.1f} "
-            f"| {e2e_text} | {steady_text} | {100 * statistics.median(share):.2f}% |"
+            f"| {cfg.limit:g} | {latency} | {client} | {med(r.ok for r in rs):.0f} | {med(r.wall for r in rs):.1f} "
+            f"| {ratio([r.e2e(cfg.limit) for r in rs])} | {ratio([r.steady(cfg.limit) for r in rs])} "
+            f"| {100 * med(r.share_429() for r in rs):.2f}% | {ratio([r.mid(cfg.limit) for r in rs])} "
+            f"| {med(r.first_call for r in rs):.2f} | {100 * med(r.cpu_busy for r in rs):.0f}% |"
         )
     return "\n".join(lines)
 
@@ -447,9 +528,10 @@ def main(argv: list[str]) -> int:
                 results.setdefault(cfg, []).append(r)
                 print(
                     f"# {run_dir.name}: {r.ok} ok / {r.total} requests in {r.wall:.1f} s; "
-                    f"e2e {r.e2e(cfg.limit):.2f}, steady {r.steady(cfg.limit):.2f}, "
-                    f"429 {100 * r.share_429():.2f}%; run {r.run_seconds} s {r.note} "
-                    f"[{time.monotonic() - started:.0f} s]",
+                    f"e2e {r.e2e(cfg.limit):.2f}, steady {r.steady(cfg.limit):.2f}, mid {r.mid(cfg.limit):.2f}, "
+                    f"429 {100 * r.share_429():.2f}%; first call after {r.first_call:.2f} s, "
+                    f"tail {r.tail:.2f} s, crmsync run {r.run_seconds} s, CPU busy {100 * r.cpu_busy:.0f}% "
+                    f"{r.note}[{time.monotonic() - started:.0f} s]",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -70,7 +70,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Plan a full or incremental run; with --wait, see it through."""
-    from .jobs import embedded_worker, plan_run, runtime, wait_for_run
+    from .jobs import embedded_worker, plan_run, wait_for_run
+    from .runtime import runtime
 
     rt = runtime()
     tick = _Ticker(args.json)
@@ -140,8 +141,8 @@ def _report(result: dict[str, Any], rt: Any, args: argparse.Namespace, run: dict
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker serving the priority queue ahead of the bulk queue."""
     from .celery_app import app
-    from .jobs import runtime
     from .queues import Queue
+    from .runtime import runtime
 
     rt = runtime()
     rt.check_timing()
@@ -168,7 +169,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_beat(args: argparse.Namespace) -> int:
     """Run Celery beat: incremental syncs every N seconds, a full sync on a cron."""
     from .celery_app import app
-    from .jobs import runtime
+    from .runtime import runtime
 
     data = runtime().settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,7 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Last runs, customers by status, dead letters, watermark."""
-    from .jobs import runtime
+    from .runtime import runtime
 
     store = runtime().store
     store.close_done_runs()
@@ -208,7 +209,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     """List, show, replay or discard dead letters."""
-    from .jobs import embedded_worker, replay, runtime, wait_for_run
+    from .jobs import embedded_worker, replay, wait_for_run
+    from .runtime import runtime
 
     rt = runtime()
     store = rt.store

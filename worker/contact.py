@@ -13,11 +13,13 @@ import json
 from collections.abc import Mapping as AbcMapping
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRecord
 from .proto._wire import MAX_UNIQUE_ID_LENGTH
-from .source.mapping import Mapping
+
+if TYPE_CHECKING:  # workers load contacts from payloads and never need the mapping's machinery
+    from .source.mapping import Mapping
 
 PARTS = ("profile", "tags", "fields")
 

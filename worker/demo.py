@@ -151,7 +151,8 @@ def run_demo(size: int = 300, keep: bool = False) -> int:
 def _steps(folder: Path, crm_url: str, size: int, bad: list[int], base_url: str) -> bool:
     import httpx
 
-    from .jobs import embedded_worker, plan_run, replay, runtime, wait_for_run
+    from .jobs import embedded_worker, plan_run, replay, wait_for_run
+    from .runtime import runtime
     from .state.db import migrate
 
     def stats() -> dict[str, Any]:

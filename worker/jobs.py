@@ -20,28 +20,18 @@ from .contact import Contact
 from .errors import ConfigError, CrmsyncError
 from .plan import Planner, PlanResult, Progress
 from .queues import Queue, queue_for
-from .runtime import Runtime
-from .settings import load_settings
+from .runtime import Runtime, runtime
 from .source.mapping import load_mapping
 from .source.reader import SourceReader, source_engine
 from .sync import message
 
 log = logging.getLogger(__name__)
-_RUNTIME: Runtime | None = None
 PLAN_LOCK_TTL = 3600.0
 RECONCILE_EVERY = 5.0
 
 
 class RunInProgress(CrmsyncError):
     """Another run of the same kind is being planned."""
-
-
-def runtime() -> Runtime:
-    """This process's Runtime, built on first use."""
-    global _RUNTIME
-    if _RUNTIME is None:
-        _RUNTIME = Runtime(load_settings())
-    return _RUNTIME
 
 
 def celery_enqueue(queue: Queue, msgs: list[dict[str, Any]]) -> None:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from .errors import ConfigError
 from .proto import Breaker, Limiter, LocalBreaker, LocalLimiter, ProtoClient, RedisBreaker, RedisLimiter, RetryPolicy
-from .settings import Settings
+from .settings import Settings, load_settings
 from .state.db import schema_is_current, state_engine
 from .state.store import StateStore
 
@@ -126,3 +126,14 @@ class Runtime:
 def _first_line(exc: Exception) -> str:
     orig = getattr(exc, "orig", None)
     return str(orig if orig is not None else exc).strip().splitlines()[0][:200]
+
+
+_RUNTIME: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """This process's Runtime, built on first use."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = Runtime(load_settings())
+    return _RUNTIME

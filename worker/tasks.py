@@ -8,7 +8,7 @@ from celery import Task
 
 from .celery_app import app
 from .errors import CircuitOpen
-from .jobs import RunInProgress, plan_run, reconcile, runtime
+from .runtime import runtime
 from .sync import sync_contact
 
 # Well below the broker's visibility timeout, so a deferred task is never delivered twice.
@@ -30,6 +30,8 @@ def sync_customer(self: Task, msg: dict[str, Any]) -> str:
 @app.task(name="crmsync.plan_full")
 def plan_full(force: bool = False) -> dict[str, Any]:
     """Beat's nightly full sync; skipped while another full run is being planned."""
+    from .jobs import RunInProgress, plan_run  # planning needs the source: imported where used
+
     try:
         return plan_run("full", force=force)
     except RunInProgress as exc:
@@ -39,6 +41,8 @@ def plan_full(force: bool = False) -> dict[str, Any]:
 @app.task(name="crmsync.plan_incremental")
 def plan_incremental() -> dict[str, Any]:
     """Beat's frequent incremental sync; skipped while another is being planned."""
+    from .jobs import RunInProgress, plan_run
+
     try:
         return plan_run("incremental")
     except RunInProgress as exc:
@@ -48,4 +52,6 @@ def plan_incremental() -> dict[str, Any]:
 @app.task(name="crmsync.reconcile")
 def reconcile_runs() -> dict[str, int]:
     """Beat's check for runs whose tasks were lost (killed worker, Redis restarted empty)."""
+    from .jobs import reconcile
+
     return reconcile()
