@@ -75,7 +75,7 @@ def test_full_sync_on_redis_and_postgresql_reaches_proto_exactly(
     source_url, state_url = (next(g) for g in dbs)
     try:
         engine = make_crm(source_url, 40)
-        with engine.begin() as conn:  # one contact the API rejects
+        with engine.begin() as conn:  # one contact Proto would refuse: recorded before any call
             conn.execute(contacts.update().where(contacts.c.id == "C00013").values(email1="nope"))
         crm_env.update(
             CRMSYNC_SOURCE_URL=source_url,
@@ -87,7 +87,7 @@ def test_full_sync_on_redis_and_postgresql_reaches_proto_exactly(
         workers(2)
 
         first = sync_json(crm_env, "full")
-        assert first["counts"]["enqueued"] == 40
+        assert first["counts"]["enqueued"] == 39 and first["counts"]["invalid"] == 1
         assert first["counts"]["synced"] == 39 and first["counts"]["dead"] == 1
 
         customers = sandbox.customers()
@@ -113,7 +113,8 @@ def test_full_sync_on_redis_and_postgresql_reaches_proto_exactly(
         assert sandbox.calls() == before
 
         listed = json.loads(crmsync(crm_env, "dlq", "list", "--json").stdout)
-        assert [d["provided_unique_id"] for d in listed] == ["C00013"] and listed[0]["http_status"] == 422
+        assert [d["provided_unique_id"] for d in listed] == ["C00013"]
+        assert listed[0]["error_class"] == "InvalidRecord.invalid_email" and "email" in listed[0]["message"]
         with engine.begin() as conn:
             conn.execute(contacts.update().where(contacts.c.id == "C00013").values(email1="c13@example.org"))
         replayed = crmsync(crm_env, "dlq", "replay", "--all", "--wait", "--json")

@@ -216,7 +216,7 @@ def test_env_example_values_are_valid_settings(monkeypatch: pytest.MonkeyPatch) 
     for key, value in values.items():
         if key != "CRMSYNC_PROTO_TOKEN_FILE":  # a path on the target host
             monkeypatch.setenv(key, value)
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert settings.broker_url and settings.broker_url.startswith("redis://")
 
 
@@ -375,7 +375,7 @@ def test_cookbook_mappings_parse_and_read_their_example_tables(section: tuple[st
         engine = sa.create_engine("sqlite://")
         with engine.begin() as conn:
             for sql in sqls:
-                conn.connection.executescript(sql)  # type: ignore[attr-defined]
+                conn.connection.executescript(sql)
         reader = SourceReader(engine, mapping, batch_size=2)  # small pages: keyset paging is exercised
         columns = set(reader.columns())
         missing = [col for col, _ in mapping.columns_used() if col not in columns]

@@ -160,18 +160,32 @@ def test_force_resends_every_part(harness: Harness, sandbox: Sandbox) -> None:
     assert sandbox.calls() - before == 30 + 20 + 30
 
 
-def test_rejected_contact_is_dead_lettered_with_its_cause_and_the_rest_syncs(
+def test_a_row_proto_would_refuse_is_dead_lettered_before_any_call_and_the_rest_syncs(
     harness: Harness, sandbox: Sandbox
 ) -> None:
     with crm_engine(harness).begin() as conn:
         conn.execute(contacts.update().where(contacts.c.id == "C00009").values(email1="not-an-email"))
-    harness.sync()
+    result = harness.sync()
+    assert result["counts"]["invalid"] == 1 and result["counts"]["enqueued"] == 29
     letters = harness.rt.store.dead_letters()
     assert [d["provided_unique_id"] for d in letters] == ["C00009"]
-    assert letters[0]["http_status"] == 422 and "email" in letters[0]["message"]
-    assert TOKEN not in str(letters[0])
+    assert letters[0]["error_class"] == "InvalidRecord.invalid_email" and letters[0]["http_status"] is None
+    assert "not-an-email" in letters[0]["message"]
     assert len(sandbox.customers()) == 29
     assert harness.rt.store.customer("C00009")["status"] == "dead"
+
+
+def test_a_payload_the_api_rejects_is_dead_lettered_with_status_and_body(harness: Harness, sandbox: Sandbox) -> None:
+    harness.plan()
+    msg = next(m for _, m in harness.queued if m["contact"]["key"] == "C00004")
+    msg["contact"]["profile"]["email"] = "rejected-by-the-api"  # as if the rules had changed on Proto's side
+    assert sync_contact(harness.rt, msg) is Outcome.DEAD
+    letter = harness.rt.store.dead_letters()[0]
+    assert letter["provided_unique_id"] == "C00004" and letter["http_status"] == 422
+    assert letter["error_class"] == "PermanentError.422" and "email" in letter["message"]
+    assert letter["payload"]["profile"]["email"] == "rejected-by-the-api"
+    assert TOKEN not in str(letter)
+    assert "C00004" not in sandbox.customers()
 
 
 def test_dead_contact_is_not_resent_until_it_changes(harness: Harness, sandbox: Sandbox) -> None:

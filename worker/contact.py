@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRecord
-from .proto._wire import MAX_UNIQUE_ID_LENGTH
+from .proto._wire import MAX_UNIQUE_ID_LENGTH, profile_problem, tag_problem
 
 if TYPE_CHECKING:  # workers load contacts from payloads and never need the mapping's machinery
     from .source.mapping import Mapping
@@ -176,14 +176,21 @@ def build_contact(
     profile: dict[str, Any] = {}
     for name, cols in mapping.customer.items():
         if isinstance(cols, str):
-            profile[name] = _text(row.get(cols))
+            value = _text(row.get(cols))
+            profile[name] = value if value and value.strip() else None  # an empty cell is no value
         else:
             words = [t.strip() for t in (_text(row.get(c)) for c in cols) if t and t.strip()]
             profile[name] = " ".join(words) or None
+        problem = profile[name] is not None and profile_problem(name, profile[name])
+        if problem:
+            raise InvalidRecord(f"invalid_{name}", problem, f"customer.{name}")
     if mapping.tags and mapping.tags.column:
         raw = _text(row.get(mapping.tags.column)) or ""
         tags = [t.strip() for t in raw.split(mapping.tags.separator)]
     tag_list = sorted({t for t in ((_text(t) or "").strip() for t in tags or []) if t})
+    for tag in tag_list:
+        if problem := tag_problem(tag):
+            raise InvalidRecord("invalid_tag", problem, "tags")
     values: dict[str, Any] = {}
     for spec in mapping.column_fields:
         assert spec.name and spec.column

@@ -9,6 +9,7 @@ is what changes.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,46 @@ TICKET_CUSTOMER_IDS: tuple[str, ...] = (
 # A provided_unique_id longer than this cannot be sent (ASSUMED: no public limit; URLs
 # past a few KB are refused by common proxies, and 255 fits every CRM key we know).
 MAX_UNIQUE_ID_LENGTH = 255
+
+
+# ASSUMED field rules (the vendor page states none). The sandbox enforces exactly these, and
+# crmsync checks every row against them before any call, so a bad row is recorded as an
+# invalid record with its reason instead of costing a call that ends in a 422.
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+PHONE_PATTERN = r"^[0-9 +\-().]*$"
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+PROFILE_MAX_LENGTH: dict[str, int] = {
+    "external_customer_id": 255,
+    "name": 255,
+    "location": 255,
+    "email": 255,
+    "phone_number": 50,
+    "avatar": 2048,
+}
+MAX_TAG_LENGTH = 100
+
+
+def profile_problem(field: str, value: str) -> str | None:
+    """Why Proto would refuse `value` for profile `field`, or None when it is fine."""
+    limit = PROFILE_MAX_LENGTH.get(field, 255)
+    if len(value) > limit:
+        return f"{field} is {len(value)} characters long (at most {limit})"
+    if CONTROL_CHARACTERS.search(value):
+        return f"{field} contains control characters"
+    if field == "email" and not re.fullmatch(EMAIL_PATTERN, value):
+        return f"{field} {value[:60]!r} is not an e-mail address"
+    if field == "phone_number" and not re.fullmatch(PHONE_PATTERN, value):
+        return f"{field} {value[:60]!r} may hold only digits, spaces and + - ( ) ."
+    return None
+
+
+def tag_problem(tag: str) -> str | None:
+    """Why Proto would refuse a tag name, or None when it is fine."""
+    if len(tag) > MAX_TAG_LENGTH:
+        return f"tag {tag[:40]!r}... is {len(tag)} characters long (at most {MAX_TAG_LENGTH})"
+    if CONTROL_CHARACTERS.search(tag):
+        return f"tag {tag[:40]!r} contains control characters"
+    return None
 
 
 def path(route: str, subcompany_id: str, **params: str) -> str:

@@ -5,7 +5,6 @@ drift apart; the rules the vendor leaves open are the ones listed in docs/proto-
 """
 
 import json
-import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,18 +26,25 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from ..errors import ConfigError
-from ..proto._wire import FIELD_TYPES, MAX_UNIQUE_ID_LENGTH, PROFILE_FIELDS, ROUTES, TICKET_CUSTOMER_IDS
+from ..proto._wire import (
+    CONTROL_CHARACTERS,
+    EMAIL_PATTERN,
+    FIELD_TYPES,
+    MAX_TAG_LENGTH,
+    MAX_UNIQUE_ID_LENGTH,
+    PHONE_PATTERN,
+    PROFILE_FIELDS,
+    PROFILE_MAX_LENGTH,
+    ROUTES,
+    TICKET_CUSTOMER_IDS,
+)
 from .config import API_BASE_PATH, ULID_PATTERN, SandboxConfig
 from .limits import ApiGate, FaultInjector, RateLimiter, Resolved, Resolver
 from .store import FieldValue, Invalid, RequestStats, SandboxError, SandboxStore
 
-EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
-PHONE_PATTERN = r"^[0-9 +\-().]*$"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
 
 def _no_control(value: str) -> str:
-    if _CONTROL.search(value):
+    if CONTROL_CHARACTERS.search(value):
         raise ValueError("control characters are not allowed")
     return value
 
@@ -54,10 +60,14 @@ def _field_type(value: str) -> str:
 _Strict = ConfigDict(extra="forbid")  # unknown body fields are a 422, never silently ignored
 
 Text255 = Annotated[str, Field(max_length=255), AfterValidator(_no_control)]
-Email = Annotated[str, Field(pattern=EMAIL_PATTERN), AfterValidator(_no_control)]
-Phone = Annotated[str, Field(max_length=50, pattern=PHONE_PATTERN), AfterValidator(_no_control)]
-Url = Annotated[str, Field(max_length=2048), AfterValidator(_no_control)]
-Tag = Annotated[str, Field(min_length=1, max_length=100)]
+Email = Annotated[
+    str, Field(max_length=PROFILE_MAX_LENGTH["email"], pattern=EMAIL_PATTERN), AfterValidator(_no_control)
+]
+Phone = Annotated[
+    str, Field(max_length=PROFILE_MAX_LENGTH["phone_number"], pattern=PHONE_PATTERN), AfterValidator(_no_control)
+]
+Url = Annotated[str, Field(max_length=PROFILE_MAX_LENGTH["avatar"]), AfterValidator(_no_control)]
+Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LENGTH), AfterValidator(_no_control)]
 FieldType = Annotated[str, AfterValidator(_field_type), WithJsonSchema({"type": "string", "enum": list(FIELD_TYPES)})]
 
 # The rule of each profile field; a field _wire adds later gets Text255 until it has its own.
