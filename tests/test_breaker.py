@@ -61,11 +61,12 @@ def test_redis_breaker_is_shared_by_every_process(redis_url: str) -> None:
     one.before_call()
 
 
-def test_calls_are_held_during_an_outage_and_resume_when_the_api_is_back(
-    sandbox: Sandbox, redis_url: str
-) -> None:
+def test_calls_are_held_during_an_outage_and_resume_when_the_api_is_back(sandbox: Sandbox, redis_url: str) -> None:
     client = ProtoClient(
-        sandbox.base_url, SUBCOMPANY, TOKEN, limiter=LocalLimiter(1000),
+        sandbox.base_url,
+        SUBCOMPANY,
+        TOKEN,
+        limiter=LocalLimiter(1000),
         breaker=RedisBreaker(redis.Redis.from_url(redis_url), SUBCOMPANY, threshold=3, probe_every=0.5),
         retry=RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.02, max_held=30),
     )

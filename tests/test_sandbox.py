@@ -146,17 +146,13 @@ def test_malformed_json_body_is_422_not_500(api: httpx.Client) -> None:
     assert locs(r) == [["body", "custom_fields", 0, "value"]]
 
 
-def test_unique_id_with_slashes_and_odd_characters_round_trips(
-    api: httpx.Client, control: httpx.Client
-) -> None:
+def test_unique_id_with_slashes_and_odd_characters_round_trips(api: httpx.Client, control: httpx.Client) -> None:
     for uid in ("a/b", "/lead/", "x%2Fy", "é 北京?#&", "a//b"):
         assert upsert(api, uid, name=uid).status_code == 200, uid
         r = api.get(url("get_customer", provided_unique_id=uid))
         assert r.status_code == 200, uid
         assert r.json()["provided_unique_id"] == uid
-        assert (
-            api.put(url("add_tags", provided_unique_id=uid), json=_wire.tags_body(["t"])).status_code == 200
-        )
+        assert api.put(url("add_tags", provided_unique_id=uid), json=_wire.tags_body(["t"])).status_code == 200
     stored = {c["provided_unique_id"] for c in control.get(f"/_sandbox/customers/{SUB}").json()}
     assert stored == {"a/b", "/lead/", "x%2Fy", "é 北京?#&", "a//b"}
 
@@ -229,15 +225,11 @@ def test_add_tags_is_a_set_union_in_order_of_first_addition(api: httpx.Client, c
 def test_unknown_tag_without_create_if_not_exists_is_422(api: httpx.Client) -> None:
     upsert(api, "c1")
     upsert(api, "c2")
-    r = api.put(
-        url("add_tags", provided_unique_id="c1"), json={"tags": ["new"], "create_if_not_exists": False}
-    )
+    r = api.put(url("add_tags", provided_unique_id="c1"), json={"tags": ["new"], "create_if_not_exists": False})
     assert r.status_code == 422
     assert locs(r) == [["body", "tags", 0]]
     api.put(url("add_tags", provided_unique_id="c2"), json=_wire.tags_body(["new"]))
-    r = api.put(
-        url("add_tags", provided_unique_id="c1"), json={"tags": ["new"], "create_if_not_exists": False}
-    )
+    r = api.put(url("add_tags", provided_unique_id="c1"), json={"tags": ["new"], "create_if_not_exists": False})
     assert r.status_code == 200
 
 
@@ -251,9 +243,7 @@ def test_empty_or_long_tags_are_422(api: httpx.Client) -> None:
 # -- custom fields -----------------------------------------------------------------------------
 
 
-def test_custom_field_values_are_checked_against_the_field_type(
-    api: httpx.Client, control: httpx.Client
-) -> None:
+def test_custom_field_values_are_checked_against_the_field_type(api: httpx.Client, control: httpx.Client) -> None:
     upsert(api, "c1")
     ltv = create_field(api, "ltv", "number")
     plan = create_field(api, "plan", "select", ["free", "pro"])
@@ -314,9 +304,7 @@ def test_select_options_are_required_if_and_only_if_the_type_is_select(api: http
     assert r.status_code == 422
     assert locs(r) == [["body", "select_options"]]
     assert post(url("create_custom_field"), json={"name": "n", "type": "colour"}).status_code == 422
-    r = post(
-        url("create_custom_field"), json={"name": "plan", "type": "select", "select_options": ["a", "b"]}
-    )
+    r = post(url("create_custom_field"), json={"name": "plan", "type": "select", "select_options": ["a", "b"]})
     assert r.status_code == 200
     field = _wire.parse_custom_field(r.json())
     assert field.type == "select" and field.select_options == ("a", "b")
@@ -353,9 +341,7 @@ def test_custom_fields_are_scoped_to_their_sub_company(base_url: str, api: httpx
 # -- tickets ---------------------------------------------------------------------------------
 
 
-def test_ticket_needs_a_subject_and_exactly_one_customer_identifier(
-    api: httpx.Client, control: httpx.Client
-) -> None:
+def test_ticket_needs_a_subject_and_exactly_one_customer_identifier(api: httpx.Client, control: httpx.Client) -> None:
     post = api.post
     assert post(url("create_ticket"), json={"subject": "Help"}).status_code == 422
     two = {"subject": "Help", "customer_id": "a", "provided_unique_id": "b"}
@@ -364,9 +350,7 @@ def test_ticket_needs_a_subject_and_exactly_one_customer_identifier(
     r = post(url("create_ticket"), json=_wire.ticket_body("Help", provided_unique_id="c1"))
     assert r.status_code == 200
     tickets = control.get(f"/_sandbox/tickets/{SUB}").json()
-    assert [(t["id"], t["subject"], t["provided_unique_id"]) for t in tickets] == [
-        (r.json()["id"], "Help", "c1")
-    ]
+    assert [(t["id"], t["subject"], t["provided_unique_id"]) for t in tickets] == [(r.json()["id"], "Help", "c1")]
 
 
 # -- rate limit and faults -------------------------------------------------------------------
@@ -525,9 +509,7 @@ def test_serve_stops_cleanly_on_a_signal(sig: signal.Signals) -> None:
         f"serve(SandboxConfig.from_env('{SUB}', '{TOKEN}'), port={port})"
     )
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)}
-    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     try:
         deadline = time.monotonic() + 15
         while True:

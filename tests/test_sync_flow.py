@@ -237,3 +237,69 @@ def test_invalid_rows_are_dead_lettered_before_any_call(sandbox: Sandbox, sqlite
     assert result["counts"]["invalid"] == 2 and len(sandbox.customers()) == 3
     classes = sorted(d["error_class"] for d in h.rt.store.dead_letters())
     assert classes == ["InvalidRecord.field_type", "InvalidRecord.missing_key"]
+
+
+def _harness_with(sandbox: Sandbox, tmp_path: Path, **settings: Any) -> Harness:
+    from worker.state.db import migrate
+
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    make_crm(crm, 6)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    migrate(state)
+    return Harness(
+        Runtime(
+            Settings(
+                source_url=crm,
+                state_url=state,
+                mapping=write_mapping(tmp_path),
+                proto_base_url=sandbox.base_url,
+                proto_subcompany_id=SUBCOMPANY,
+                proto_token=TOKEN,
+                rate_limit=1000,
+                **settings,
+            )
+        )
+    )
+
+
+def test_a_contact_deleted_in_the_crm_is_tagged_under_the_tag_policy(sandbox: Sandbox, tmp_path: Path) -> None:
+    h = _harness_with(sandbox, tmp_path, deleted_policy="tag", deleted_tag="gone-from-crm")
+    h.sync()
+    touch(crm_engine(h), ["C00002"], LATER, deleted=1)
+    before = sandbox.calls()
+    result = h.sync("incremental")
+    assert result["counts"]["deleted"] == 1 and sandbox.calls() - before == 1
+    assert "gone-from-crm" in sandbox.customers()["C00002"]["tags"]
+
+
+def test_a_contact_deleted_in_the_crm_is_left_alone_under_the_ignore_policy(sandbox: Sandbox, tmp_path: Path) -> None:
+    h = _harness_with(sandbox, tmp_path)
+    with crm_engine(h).begin() as conn:
+        conn.execute(contacts.update().where(contacts.c.id == "C00003").values(deleted=1))
+    h.sync()
+    assert "C00003" not in sandbox.customers() and len(sandbox.customers()) == 5
+
+
+def test_update_only_skips_contacts_proto_does_not_have(sandbox: Sandbox, tmp_path: Path) -> None:
+    from worker.proto import ProtoClient
+
+    with ProtoClient(sandbox.base_url, SUBCOMPANY, TOKEN) as client:
+        client.upsert_customer("C00001", {"name": "Already here"})
+    h = _harness_with(sandbox, tmp_path, sync_mode="update-only")
+    h.sync()
+    assert sorted(sandbox.customers()) == ["C00001"]
+    assert sandbox.customers()["C00001"]["name"] == "Ada Test1"
+    assert h.rt.store.status_counts() == {"skipped": 5, "synced": 1}
+    before = sandbox.calls()
+    h.sync()
+    assert sandbox.calls() == before  # not asked again while unchanged
+
+
+def test_create_only_never_updates_a_synced_customer(sandbox: Sandbox, tmp_path: Path) -> None:
+    h = _harness_with(sandbox, tmp_path, sync_mode="create-only")
+    h.sync()
+    touch(crm_engine(h), ["C00004"], LATER, last_name="Changed")
+    before = sandbox.calls()
+    result = h.sync("incremental")
+    assert result["counts"]["skipped_existing"] >= 1 and sandbox.calls() == before
+    assert sandbox.customers()["C00004"]["name"] == "Ada Test4"

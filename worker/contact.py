@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Mapping as AbcMapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,12 @@ class Contact:
     def part(self, name: str) -> Any:
         """The body of one part: ``profile``, ``tags`` or ``fields``."""
         return {"profile": self.profile, "tags": self.tags, "fields": self.fields}[name]
+
+
+def with_tag(contact: Contact, tag: str) -> Contact:
+    """`contact` with one more tag (and its tags hash updated)."""
+    tags = sorted({*contact.tags, tag})
+    return replace(contact, tags=tags, hashes={**contact.hashes, "tags": content_hash(tags)})
 
 
 def payload_hash(contact: Contact) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .contact import PARTS, Contact, payload_hash
+from .contact import PARTS, Contact, payload_hash, with_tag
 from .errors import InvalidRecord
 from .queues import Queue, queue_for
 from .runtime import Runtime
@@ -133,11 +133,19 @@ class Planner:
     ) -> None:
         counts = result.counts
         counts["read"] += len(page)
-        counts["deleted"] += len(page.deleted)  # ASSUMED policy for now: ignore (Proto cannot delete)
-        state = self.rt.store.lookup(c.key for c in page.contacts)
+        counts["deleted"] += len(page.deleted)
+        settings = self.rt.settings
+        state = self.rt.store.lookup(c.key for c in [*page.contacts, *page.deleted])
+        # Proto cannot delete: a deleted contact already in Proto is tagged, or left as it is.
+        candidates = list(page.contacts)
+        if settings.deleted_policy == "tag":
+            candidates += [with_tag(c, settings.deleted_tag) for c in page.deleted if c.key in state]
         planned: list[tuple[Contact, bool]] = []
-        for contact in page.contacts:
+        for contact in candidates:
             synced = state.get(contact.key)
+            if settings.sync_mode == "create-only" and synced is not None and synced.profile is not None:
+                counts["skipped_existing"] += 1
+                continue
             parts = [p for p in PARTS if force or synced is None or contact.hashes[p] != synced.get(p)]
             retry_dead = force or result.kind == "replay"
             if not parts or (not retry_dead and synced and synced.failed_hash == payload_hash(contact)):
@@ -157,7 +165,8 @@ class Planner:
         if planned:
             self._ensure_fields(planned, registry)
             self.rt.store.mark_queued(run_id, [(c.key, c.version) for c, _ in planned])
-            msgs = [message(run_id, c, was_dead=d, force=force) for c, d in planned]
+            update_only = settings.sync_mode == "update-only"
+            msgs = [message(run_id, c, was_dead=d, force=force, update_only=update_only) for c, d in planned]
             self.enqueue(queue_for(result.kind), msgs)
             counts["enqueued"] += len(msgs)
         if page.max_updated is not None and result.kind == "incremental":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,14 @@ class Settings(BaseSettings):
     lookback_seconds: float = Field(300.0, ge=0, description="Incremental syncs re-read this far behind the watermark.")
     incremental_every: float = Field(60.0, gt=0, description="Seconds between beat's incremental syncs.")
     full_sync_cron: str = Field("0 2 * * *", description="Cron line of beat's nightly full sync.")
+    sync_mode: Literal["upsert", "update-only", "create-only"] = Field(
+        "upsert",
+        description="upsert: create or update; update-only: skip contacts not in Proto; create-only: never update.",
+    )
+    deleted_policy: Literal["ignore", "tag"] = Field(
+        "ignore", description="Contacts deleted in the CRM: leave them in Proto as they are, or tag them."
+    )
+    deleted_tag: str = Field("crm-deleted", min_length=1, description="The tag of the `tag` deleted policy.")
     reconcile_after: float = Field(
         60.0, gt=0, description="Seconds a run may make no progress, queue empty, before its lost tasks are re-sent."
     )

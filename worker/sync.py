@@ -26,12 +26,18 @@ class Outcome(StrEnum):
     DEAD = "dead"
 
 
-def message(run_id: str, contact: Contact, *, was_dead: bool = False, force: bool = False) -> dict[str, Any]:
+def message(
+    run_id: str, contact: Contact, *, was_dead: bool = False, force: bool = False, update_only: bool = False
+) -> dict[str, Any]:
     """The task message for `contact` planned by `run_id` (JSON primitives only).
 
-    `force` resends every part whatever Proto is recorded to hold.
+    `force` resends every part whatever Proto is recorded to hold; `update_only` skips a
+    customer that Proto does not have yet.
     """
-    return {"run_id": run_id, "contact": contact.to_payload(), "was_dead": was_dead, "force": force}
+    msg = {"run_id": run_id, "contact": contact.to_payload(), "was_dead": was_dead, "force": force}
+    if update_only:
+        msg["update_only"] = True
+    return msg
 
 
 def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
@@ -45,6 +51,18 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
         return Outcome.SKIPPED
     sent: dict[str, str | None] = {p: state.get(p) if state and not msg.get("force") else None for p in PARTS}
     try:
+        if msg.get("update_only") and sent["profile"] is None and not _in_proto(rt, contact.key):
+            # Remembered like a dead letter's payload: not asked again until the contact changes.
+            rt.store.record_outcome(
+                contact.key,
+                run_id,
+                "skipped",
+                sent,
+                None,
+                error="not in Proto (update-only mode)",
+                failed_hash=payload_hash(contact),
+            )
+            return Outcome.SKIPPED
         for part in PARTS:
             if contact.hashes[part] != sent[part]:
                 _send(rt, contact, part)
@@ -60,6 +78,17 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
     if msg.get("was_dead"):
         rt.store.resolve_dead_letters(contact.key)
     return Outcome.SYNCED
+
+
+def _in_proto(rt: Runtime, key: str) -> bool:
+    """Whether Proto has a customer with this unique id (one get-customer call)."""
+    try:
+        rt.client.get_customer(key)
+    except PermanentError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
 
 
 def _send(rt: Runtime, contact: Contact, part: str) -> None:
