@@ -460,7 +460,9 @@ def run_dialect(dialect: str, args: argparse.Namespace, folder: Path, started: f
                 f"rerun enqueues exactly the {one_percent} changed profiles",
             )
             steps["full_rerun"].runs.append(out)
+            t0 = time.perf_counter()
             settle(dbs, source, state, mapping, [key(i) for i in indexes])
+            log(f"{dialect}: {len(indexes)} recorded synced in {time.perf_counter() - t0:.1f} s (setup)")
 
         # 3. incremental plans of 100 contacts touched after the watermark
         for rep, indexes in enumerate(touched_sets):

@@ -303,3 +303,19 @@ def test_create_only_never_updates_a_synced_customer(sandbox: Sandbox, tmp_path:
     result = h.sync("incremental")
     assert result["counts"]["skipped_existing"] >= 1 and sandbox.calls() == before
     assert sandbox.customers()["C00004"]["name"] == "Ada Test4"
+
+
+def test_a_changed_mapping_is_noticed_and_only_affected_parts_are_resent(sandbox: Sandbox, tmp_path: Path) -> None:
+    h = _harness_with(sandbox, tmp_path)
+    h.sync()
+    assert h.planner.mapping_changes() == []
+    write_mapping(tmp_path, MAPPING.replace("location: city", "location: first_name"))
+    h2 = Harness(Runtime(h.rt.settings))
+    assert h2.planner.mapping_changes() == ["profile"]
+    before = sandbox.calls()
+    result = h2.sync("incremental")  # nothing was touched in the CRM: still, every contact is read
+    assert result["counts"]["mapping_changed"] == 1 and result["counts"]["read"] == 6
+    assert result["counts"]["part_profile"] == 6 and result["counts"]["part_tags"] == 0
+    assert sandbox.calls() - before == 6
+    assert sandbox.customers()["C00001"]["location"] == "Ada"
+    assert h2.planner.mapping_changes() == []

@@ -38,6 +38,8 @@ def run_checks() -> Iterator[tuple[bool, str]]:
     elif located is not None:
         yield from _check_source(located, settings.source_url, settings.batch_size)
     yield from _check_state(settings.state_url)
+    if located is not None and settings.source_url is not None:
+        yield from _check_mapping_change()
     yield from _check_proto(settings, located)
 
 
@@ -127,3 +129,22 @@ def _check_proto(settings: object, located: LocatedMapping | None) -> Iterator[t
                     f"{have.type} in Proto, not {spec.type}; types cannot change once created"
                 ),
             )
+
+
+def _check_mapping_change() -> Iterator[tuple[bool, str]]:
+    from .jobs import planner
+    from .runtime import runtime
+
+    try:
+        changed = planner(runtime()).mapping_changes()
+    except CrmsyncError:
+        return  # the state DB check above already said what is wrong
+    if changed:
+        # Information, not a failure: the next run handles it.
+        yield (
+            True,
+            (
+                f"the mapping changed since the last full sync ({', '.join(changed)}): the next sync reads "
+                "every contact and re-sends the parts whose content differs"
+            ),
+        )

@@ -89,6 +89,14 @@ class Planner:
             store.close_done_runs()
             result = PlanResult(kind, None if dry_run else store.start_run(kind))
         since = self._since() if kind == "incremental" else None
+        changed = self.mapping_changes()
+        if kind == "incremental" and changed and since is not None:
+            # Rows untouched since the last run may now map differently: read them all once.
+            log.warning(
+                "the mapping changed (%s) since the last full sync: this run reads every contact", ", ".join(changed)
+            )
+            result.counts["mapping_changed"] = 1
+            since = None
         registry = store.field_ids()
         newest: dt.datetime | None = None
         try:
@@ -102,9 +110,11 @@ class Planner:
             if result.run_id:
                 store.update_run(result.run_id, status="failed", finished_at=utcnow(), error=self.rt.redact(str(exc)))
             raise
-        if kind == "full" and newest is not None and result.run_id and not into_run:
-            # A full sync reads in key order: only once it is all planned may the watermark move.
-            store.advance_cursor(newest)
+        if since is None and result.run_id and not into_run and not keys:
+            # Every contact was read: the watermark may move, and this mapping is now the baseline.
+            if newest is not None:
+                store.advance_cursor(newest)
+            store.record_mapping(self.mapping.part_fingerprints())
         if result.run_id and not into_run:
             c = result.counts
             store.update_run(
@@ -121,6 +131,14 @@ class Planner:
             if not c["enqueued"]:
                 store.finish_run(result.run_id)
         return result
+
+    def mapping_changes(self) -> list[str]:
+        """Parts (profile, tags, fields) whose mapping changed since the last full sync."""
+        before = self.rt.store.mapping_fingerprints()
+        if before is None:
+            return []
+        now = self.mapping.part_fingerprints()
+        return [part for part in now if before.get(part) != now[part]]
 
     def _since(self) -> dt.datetime | None:
         cursor = self.rt.store.cursor()

@@ -103,6 +103,8 @@ class SyncCursor(Base):
     source: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     updated_at: Mapped[str | None] = mapped_column(sa.String(40))
     key: Mapped[str | None] = mapped_column(sa.String(255))
+    # Fingerprint per part of the mapping of the last full sync: a changed mapping is noticed.
+    mapping: Mapped[dict[str, Any] | None]
     moved_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

@@ -283,6 +283,21 @@ class StateStore:
         with self._begin() as conn:
             _upsert(conn, CURSORS, [{"source": source, "updated_at": text, "moved_at": utcnow()}], ["source"])
 
+    def mapping_fingerprints(self, source: str = "default") -> dict[str, str] | None:
+        """The mapping fingerprints recorded by the last full sync."""
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(CURSORS.c.mapping).where(CURSORS.c.source == source)).scalar()
+        return dict(value) if value else None
+
+    def record_mapping(self, fingerprints: dict[str, str], source: str = "default") -> None:
+        """Remember the mapping a full sync planned with."""
+        with self._begin() as conn:
+            done = conn.execute(
+                CURSORS.update().where(CURSORS.c.source == source).values(mapping=fingerprints, moved_at=utcnow())
+            ).rowcount
+            if not done:
+                conn.execute(CURSORS.insert().values(source=source, mapping=fingerprints, moved_at=utcnow()))
+
     # -- custom-field registry -------------------------------------------------------------------
 
     def field_ids(self) -> dict[str, str]:
