@@ -201,3 +201,45 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Demo finished" in done.stdout
+
+
+@pytest.mark.services
+def test_two_beats_schedule_once(
+    crm_env: dict[str, str], sandbox: Sandbox, redis_url: str, tmp_path: Path, workers: Any
+) -> None:
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    make_crm(crm, 3)
+    crm_env.update(
+        CRMSYNC_SOURCE_URL=crm,
+        CRMSYNC_MAPPING=str(write_mapping(tmp_path)),
+        CRMSYNC_BROKER_URL=redis_url,
+        CRMSYNC_INCREMENTAL_EVERY="1",
+    )
+    assert crmsync(crm_env, "init").returncode == 0
+    workers(1)
+    beats = []
+    for i in range(2):
+        log = open(tmp_path / f"beat-{i}.log", "wb")  # noqa: SIM115 - closed with the process
+        beats.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", "beat"],
+                env=crm_env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                cwd=tmp_path,
+            )
+        )
+    try:
+        import time
+
+        time.sleep(8)
+    finally:
+        for b in beats:
+            os.killpg(b.pid, signal.SIGTERM)
+            b.wait(20)
+    logs = [(tmp_path / f"beat-{i}.log").read_text() for i in range(2)]
+    assert sum("standing by" in text for text in logs) == 1
+    runs = json.loads(crmsync(crm_env, "status", "--json", "--limit", "100").stdout)["runs"]
+    incremental = [r for r in runs if r["kind"] == "incremental"]
+    assert 3 <= len(incremental) <= 9  # one schedule at 1/s over ~8 s, not two

@@ -169,11 +169,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_beat(args: argparse.Namespace) -> int:
     """Run Celery beat: incremental syncs every N seconds, a full sync on a cron."""
     from .celery_app import app
+    from .jobs import scheduler_lease
     from .runtime import runtime
 
-    data = runtime().settings.data_dir
+    rt = runtime()
+    data = rt.settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
-    app.start(["beat", "--loglevel", args.loglevel, "--schedule", str(data / "beat-schedule")])
+
+    def standing_by() -> None:
+        print("another crmsync beat holds the schedule: standing by", file=sys.stderr, flush=True)
+
+    with scheduler_lease(rt, on_wait=standing_by):
+        app.start(["beat", "--loglevel", args.loglevel, "--schedule", str(data / "beat-schedule")])
     return 0
 
 

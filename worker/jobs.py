@@ -9,8 +9,10 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -62,6 +64,37 @@ def plan_lock(rt: Runtime, kind: str) -> Iterator[None]:
         yield
     finally:
         rt.store.release_lock(f"plan:{kind}", holder)
+
+
+@contextlib.contextmanager
+def scheduler_lease(rt: Runtime, on_wait: Callable[[], None] = lambda: None, ttl: float = 30.0) -> Iterator[None]:
+    """Be the one scheduler: wait for the lease, keep it renewed, stop this process if it is lost.
+
+    The lease lives in the state DB, which every host shares, so two `crmsync beat` never
+    schedule at once; a standby takes over within `ttl` seconds of the active one dying.
+    """
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    told = False
+    while not rt.store.acquire_lock("beat", holder, ttl):
+        if not told:
+            on_wait()
+            told = True
+        time.sleep(ttl / 3)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl / 3):
+            if not rt.store.acquire_lock("beat", holder, ttl):
+                log.error("the scheduler lease was lost: stopping so that only one scheduler runs")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=renew, name="crmsync-beat-lease", daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+        rt.store.release_lock("beat", holder)
 
 
 def plan_run(
