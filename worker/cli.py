@@ -265,6 +265,46 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return _report(result, rt, args, run)
 
 
+def cmd_tickets(args: argparse.Namespace) -> int:
+    """List tickets, confirm those whose outcome is unknown, or send them again."""
+    from .jobs import celery_enqueue_tickets
+    from .runtime import runtime
+
+    rt = runtime()
+    store = rt.store
+    if args.action == "list":
+        tickets = store.tickets(args.status)
+        if args.json:
+            _print_json(tickets)
+            return 0
+        if not tickets:
+            print("no tickets")
+        for t in tickets:
+            print(
+                f"{t['key']:<20} {t['status']:<8} customer {t['customer']!s:<16} {t['proto_id'] or '':<28} "
+                f"{(t['error'] or t['subject'])[:60]}"
+            )
+        return 0
+    if not args.keys:
+        raise ConfigError(f"name the tickets to {args.action} (their CRM case keys)")
+    if args.action == "confirm":
+        # The operator saw the ticket in Proto: it is created, and must never be sent again.
+        n = store.set_ticket_status(args.keys, "created", ["unknown"], proto_id=args.proto_id)
+        print(f"confirmed {n} tickets as created")
+        return 0
+    n = store.set_ticket_status(args.keys, "pending", ["unknown", "failed"], error=None)
+    if rt.settings.embedded_broker:
+        from .tickets import send_ticket
+
+        # No worker drains the embedded broker between runs: send them from here.
+        for key in args.keys:
+            print(f"{key}: {send_ticket(rt, key)}")
+        return 0
+    celery_enqueue_tickets(list(args.keys))
+    print(f"sending {n} tickets again")
+    return 0
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     """Serve the local Proto API sandbox."""
     from .sandbox import SandboxConfig, serve
@@ -342,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--wait", action="store_true", help="block until the replayed contacts are done")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_dlq, dry_run=False)
+
+    t = sub.add_parser("tickets", help="tickets: list, confirm (outcome unknown), retry")
+    t.add_argument("action", choices=["list", "confirm", "retry"])
+    t.add_argument("keys", nargs="*", help="CRM case keys")
+    t.add_argument("--status", help="list only tickets in this status (pending, sending, created, unknown, failed)")
+    t.add_argument("--proto-id", help="with confirm: the id of the ticket found in Proto")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_tickets)
 
     sb = sub.add_parser("sandbox", help="serve the local Proto API sandbox")
     sb.add_argument("--host", default="127.0.0.1")

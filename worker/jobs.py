@@ -46,12 +46,22 @@ def celery_enqueue(queue: Queue, msgs: list[dict[str, Any]]) -> None:
             sync_customer.apply_async(args=[msg], queue=queue.value, producer=producer)
 
 
+def celery_enqueue_tickets(keys: list[str]) -> None:
+    """Publish one create-ticket task per case key."""
+    from .celery_app import app
+    from .tasks import create_ticket
+
+    with app.producer_or_acquire() as producer:
+        for key in keys:
+            create_ticket.apply_async(args=[key], queue=Queue.PRIORITY.value, producer=producer)
+
+
 def planner(rt: Runtime) -> Planner:
     """A Planner for the configured source and mapping."""
     rt.settings.require("source_url", "mapping")
     located = load_mapping(str(rt.settings.mapping))
     reader = SourceReader(source_engine(str(rt.settings.source_url)), located.mapping, rt.settings.batch_size)
-    return Planner(rt, located.mapping, reader, celery_enqueue)
+    return Planner(rt, located.mapping, reader, celery_enqueue, celery_enqueue_tickets)
 
 
 @contextlib.contextmanager
@@ -183,6 +193,8 @@ def reconcile(rt: Runtime | None = None, run_id: str | None = None) -> dict[str,
     safe: a task that turns up after all finds the customer synced and sends nothing.
     """
     rt = rt or runtime()
+    if abandoned := rt.store.abandon_sending_tickets(older_than=rt.settings.task_time_limit):
+        log.warning("%d tickets were being sent by a worker that stopped: left `unknown` for an operator", abandoned)
     runs = [r for r in rt.store.running_runs() if run_id in (None, r["id"])]
     stalled = {r["id"]: (r["kind"], rt.store.stalled_keys(r["id"], rt.settings.reconcile_after)) for r in runs}
     stalled = {k: v for k, v in stalled.items() if v[1]}

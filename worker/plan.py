@@ -23,10 +23,12 @@ from .source.mapping import Mapping
 from .source.reader import InvalidRow, Page, SourceReader
 from .state.models import utcnow
 from .sync import message
+from .tickets import plan_tickets
 
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[Queue, list[dict[str, Any]]], None]
+EnqueueTickets = Callable[[list[str]], None]
 Progress = Callable[[Counter[str]], None]
 PREVIEW = 10
 COUNTS = (
@@ -61,11 +63,19 @@ class PlanResult:
 class Planner:
     """Plans runs of one mapping against one state DB."""
 
-    def __init__(self, rt: Runtime, mapping: Mapping, reader: SourceReader, enqueue: Enqueue) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        mapping: Mapping,
+        reader: SourceReader,
+        enqueue: Enqueue,
+        enqueue_tickets: EnqueueTickets | None = None,
+    ) -> None:
         self.rt = rt
         self.mapping = mapping
         self.reader = reader
         self.enqueue = enqueue
+        self.enqueue_tickets = enqueue_tickets
 
     def plan(
         self,
@@ -110,6 +120,8 @@ class Planner:
             if result.run_id:
                 store.update_run(result.run_id, status="failed", finished_at=utcnow(), error=self.rt.redact(str(exc)))
             raise
+        if self.mapping.tickets and result.run_id and not into_run and kind != "replay" and self.enqueue_tickets:
+            result.counts.update(plan_tickets(self.rt, self.reader, self.mapping.tickets, self.enqueue_tickets))
         if since is None and result.run_id and not into_run and not keys:
             # Every contact was read: the watermark may move, and this mapping is now the baseline.
             if newest is not None:
@@ -184,7 +196,11 @@ class Planner:
             self._ensure_fields(planned, registry)
             self.rt.store.mark_queued(run_id, [(c.key, c.version) for c, _ in planned])
             update_only = settings.sync_mode == "update-only"
-            msgs = [message(run_id, c, was_dead=d, force=force, update_only=update_only) for c, d in planned]
+            tickets = self.mapping.tickets is not None
+            msgs = [
+                message(run_id, c, was_dead=d, force=force, update_only=update_only, tickets=tickets)
+                for c, d in planned
+            ]
             self.enqueue(queue_for(result.kind), msgs)
             counts["enqueued"] += len(msgs)
         if page.max_updated is not None and result.kind == "incremental":

@@ -27,16 +27,24 @@ class Outcome(StrEnum):
 
 
 def message(
-    run_id: str, contact: Contact, *, was_dead: bool = False, force: bool = False, update_only: bool = False
+    run_id: str,
+    contact: Contact,
+    *,
+    was_dead: bool = False,
+    force: bool = False,
+    update_only: bool = False,
+    tickets: bool = False,
 ) -> dict[str, Any]:
     """The task message for `contact` planned by `run_id` (JSON primitives only).
 
     `force` resends every part whatever Proto is recorded to hold; `update_only` skips a
-    customer that Proto does not have yet.
+    customer that Proto does not have yet; `tickets` sends the customer's waiting tickets after it.
     """
     msg = {"run_id": run_id, "contact": contact.to_payload(), "was_dead": was_dead, "force": force}
     if update_only:
         msg["update_only"] = True
+    if tickets:
+        msg["tickets"] = True
     return msg
 
 
@@ -77,6 +85,12 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
     rt.store.record_outcome(contact.key, run_id, "synced", sent, contact.version)
     if msg.get("was_dead"):
         rt.store.resolve_dead_letters(contact.key)
+    if msg.get("tickets"):
+        # The customer exists now: its waiting tickets can go, each claimed before its call.
+        from .tickets import send_ticket
+
+        for key in rt.store.ready_tickets(customer=contact.key):
+            send_ticket(rt, key)
     return Outcome.SYNCED
 
 

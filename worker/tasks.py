@@ -55,3 +55,11 @@ def reconcile_runs() -> dict[str, int]:
     from .jobs import reconcile
 
     return reconcile()
+
+
+@app.task(name="crmsync.create_ticket")
+def create_ticket(key: str) -> str:
+    """Open one CRM case as a Proto ticket, exactly once."""
+    from .tickets import send_ticket
+
+    return send_ticket(runtime(), key)

@@ -90,6 +90,15 @@ class FieldSpec(_Strict):
         return self
 
 
+class TicketsSpec(_Strict):
+    """CRM cases that become Proto tickets: a query, and which of its columns say what."""
+
+    query: str
+    key: str
+    subject: str
+    customer: str
+
+
 class Mapping(_Strict):
     """A whole mapping file."""
 
@@ -97,6 +106,7 @@ class Mapping(_Strict):
     customer: dict[str, str | list[str]]
     tags: TagsSpec | None = None
     custom_fields: list[FieldSpec] = Field(default_factory=list)
+    tickets: TicketsSpec | None = None
 
     @field_validator("customer")
     @classmethod

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from ..contact import Contact, build_contact
 from ..errors import InvalidRecord, SourceError
-from .mapping import Mapping
+from .mapping import Mapping, TicketsSpec
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,36 @@ class SourceReader:
             seen.add(contact.key)
             (page.deleted if contact.deleted else page.contacts).append(contact)
         return page
+
+    def tickets(self, spec: TicketsSpec) -> Iterator[list[tuple[str, str, str | None]]]:
+        """The cases of the `tickets:` query as (key, subject, customer key), in keyset pages."""
+        names = self._probe(spec.query)
+        for col in (spec.key, spec.subject, spec.customer):
+            if col not in names:
+                raise SourceError(f"the tickets query returns no column {col!r} (it returns {', '.join(names)})")
+        table = sa.text(spec.query).columns(*[sa.column(n) for n in names]).subquery("cases")
+        key = table.c[spec.key]
+        after: Any = None
+        while True:
+            query = (
+                sa.select(key, table.c[spec.subject], table.c[spec.customer])
+                .where(key.is_not(None))
+                .order_by(key)
+                .limit(self.batch_size)
+            )
+            if after is not None:
+                query = query.where(key > after)
+            with self._connect() as conn:
+                try:
+                    rows = list(conn.execute(query))
+                except sa.exc.SQLAlchemyError as exc:
+                    raise SourceError(f"the tickets query failed: {_reason(exc)}") from None
+            if not rows:
+                return
+            yield [(str(k), str(s or ""), None if c is None else str(c)) for k, s, c in rows]
+            if len(rows) < self.batch_size:
+                return
+            after = rows[-1][0]
 
     def _side_rows(self, sql: str, raw_keys: list[Any]) -> dict[str, list[tuple[Any, ...]]]:
         """Rows of a `(key, ...)` query for the given keys, grouped by key text."""

@@ -128,3 +128,24 @@ class Lock(Base):
     name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(sa.String(64))
     expires_at: Mapped[dt.datetime]
+
+
+class Ticket(Base):
+    """A CRM case to open as a Proto ticket, exactly once.
+
+    create-ticket has no idempotency key, so the status moves to `sending` (committed) before
+    the call; a call whose outcome is unknown leaves `unknown` for an operator, never a retry.
+    Statuses: pending, sending, created, unknown, failed.
+    """
+
+    __tablename__ = "tickets"
+
+    key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    customer: Mapped[str | None] = mapped_column(sa.String(255), index=True)
+    subject: Mapped[str] = mapped_column(sa.Text)
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending", index=True)
+    proto_id: Mapped[str | None] = mapped_column(sa.String(64))
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)

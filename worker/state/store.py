@@ -17,7 +17,7 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .models import CustomerSyncState, CustomFieldRecord, DeadLetter, Lock, SyncCursor, SyncRun, utcnow
+from .models import CustomerSyncState, CustomFieldRecord, DeadLetter, Lock, SyncCursor, SyncRun, Ticket, utcnow
 
 STATE = cast(sa.Table, CustomerSyncState.__table__)
 RUNS = cast(sa.Table, SyncRun.__table__)
@@ -25,6 +25,7 @@ DEAD = cast(sa.Table, DeadLetter.__table__)
 CURSORS = cast(sa.Table, SyncCursor.__table__)
 FIELDS = cast(sa.Table, CustomFieldRecord.__table__)
 LOCKS = cast(sa.Table, Lock.__table__)
+TICKETS = cast(sa.Table, Ticket.__table__)
 
 RUN_COUNTS = (
     "read",
@@ -397,6 +398,96 @@ class StateStore:
                 DEAD.update()
                 .where(DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"]))
                 .values(state="resolved")
+            )
+
+    # -- tickets ---------------------------------------------------------------------------------
+
+    def add_tickets(self, cases: Sequence[tuple[str, str, str | None]]) -> int:
+        """Record (key, subject, customer) cases not seen before as pending; returns how many."""
+        keys = [k for k, _, _ in cases]
+        with self._begin() as conn:
+            known = set(conn.execute(sa.select(TICKETS.c.key).where(TICKETS.c.key.in_(keys))).scalars())
+            now = utcnow()
+            rows = [
+                {
+                    "key": k,
+                    "subject": s,
+                    "customer": c,
+                    "status": "pending",
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for k, s, c in cases
+                if k not in known
+            ]
+            if rows:
+                conn.execute(TICKETS.insert(), rows)
+        return len(rows)
+
+    def ready_tickets(self, customer: str | None = None) -> list[str]:
+        """Pending tickets whose customer Proto already has (of one customer, if given)."""
+        query = (
+            sa.select(TICKETS.c.key)
+            .join(STATE, STATE.c.provided_unique_id == TICKETS.c.customer)
+            .where(TICKETS.c.status == "pending", STATE.c.profile_hash.is_not(None))
+            .order_by(TICKETS.c.key)
+        )
+        if customer is not None:
+            query = query.where(TICKETS.c.customer == customer)
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def claim_ticket(self, key: str) -> dict[str, Any] | None:
+        """Move a pending ticket to `sending`, committed before any call; None if not ours to send."""
+        with self._begin() as conn:
+            won = conn.execute(
+                TICKETS.update()
+                .where(TICKETS.c.key == key, TICKETS.c.status == "pending")
+                .values(status="sending", attempts=TICKETS.c.attempts + 1, updated_at=utcnow())
+            ).rowcount
+            if not won:
+                return None
+            return dict(conn.execute(sa.select(TICKETS).where(TICKETS.c.key == key)).mappings().one())
+
+    def finish_ticket(self, key: str, status: str, proto_id: str | None = None, error: str | None = None) -> None:
+        """Record how a send ended: created, pending (not sent), unknown or failed."""
+        with self._begin() as conn:
+            conn.execute(
+                TICKETS.update()
+                .where(TICKETS.c.key == key)
+                .values(status=status, proto_id=proto_id, error=error and error[:2000], updated_at=utcnow())
+            )
+
+    def tickets(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Tickets, of one status if given."""
+        query = sa.select(TICKETS).order_by(TICKETS.c.key)
+        if status:
+            query = query.where(TICKETS.c.status == status)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def set_ticket_status(self, keys: Sequence[str], status: str, from_: Sequence[str], **values: Any) -> int:
+        """An operator's decision: move tickets in one of `from_` statuses to `status`."""
+        with self._begin() as conn:
+            return int(
+                conn.execute(
+                    TICKETS.update()
+                    .where(TICKETS.c.key.in_(list(keys)), TICKETS.c.status.in_(list(from_)))
+                    .values(status=status, updated_at=utcnow(), **values)
+                ).rowcount
+            )
+
+    def abandon_sending_tickets(self, older_than: float) -> int:
+        """Sends whose worker died mid-call: their outcome is unknown, and stays for an operator."""
+        cutoff = utcnow() - dt.timedelta(seconds=older_than)
+        with self._begin() as conn:
+            return int(
+                conn.execute(
+                    TICKETS.update()
+                    .where(TICKETS.c.status == "sending", TICKETS.c.updated_at < cutoff)
+                    .values(status="unknown", error="the worker stopped during the call: outcome unknown")
+                ).rowcount
             )
 
     # -- locks -----------------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""Tickets, exactly once: CRM cases opened as Proto tickets with create-ticket.
+
+create-ticket is a POST with no idempotency key, so a blind retry can open a ticket twice.
+Each case is claimed (`pending` -> `sending`, committed) before the call; only one claim can
+win, and a call whose outcome is unknown (a timeout after the request left, a 5xx) is left
+`unknown` for an operator to confirm or retry: never retried by crmsync itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from .errors import PermanentError, ProtoError
+from .runtime import Runtime
+from .source.mapping import TicketsSpec
+from .source.reader import SourceReader
+
+log = logging.getLogger(__name__)
+
+
+def plan_tickets(
+    rt: Runtime, reader: SourceReader, spec: TicketsSpec, enqueue: Callable[[list[str]], None]
+) -> Counter[str]:
+    """Record new cases as pending, and enqueue the pending ones whose customer is synced."""
+    counts: Counter[str] = Counter()
+    for page in reader.tickets(spec):
+        counts["tickets_new"] += rt.store.add_tickets(page)
+    ready = rt.store.ready_tickets()
+    if ready:
+        enqueue(ready)
+    counts["tickets_enqueued"] = len(ready)
+    return counts
+
+
+def send_ticket(rt: Runtime, key: str) -> str:
+    """Open the ticket of one case, unless another task already claimed it; returns its status."""
+    ticket = rt.store.claim_ticket(key)
+    if ticket is None:
+        return "skipped"  # claimed before: created, in flight, or waiting for an operator
+    try:
+        proto_id = rt.client.create_ticket(ticket["subject"], provided_unique_id=ticket["customer"])
+    except ProtoError as exc:
+        error = rt.redact(str(exc))
+        if isinstance(exc, PermanentError):
+            status = "failed"
+        elif getattr(exc, "not_sent", False):
+            status = "pending"  # surely never reached Proto: safe to send again later
+        else:
+            status = "unknown"  # may exist in Proto: an operator confirms or retries
+        log.warning("ticket %s: %s (%s)", key, status, error)
+        rt.store.finish_ticket(key, status, error=error)
+        return status
+    rt.store.finish_ticket(key, "created", proto_id=proto_id)
+    return "created"
