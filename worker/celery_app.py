@@ -42,8 +42,6 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        task_time_limit=settings.task_time_limit,
-        task_soft_time_limit=settings.task_time_limit - 5,
         beat_schedule={
             "incremental-sync": {
                 "task": "crmsync.plan_incremental",

@@ -146,6 +146,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     rt = runtime()
     rt.check_timing()
+    rt.store  # noqa: B018 - refuse to start on a state DB that is not migrated, rather than fail every task
     settings = rt.settings
     argv = [
         "worker",

@@ -28,7 +28,7 @@ from .source.reader import SourceReader, source_engine
 from .sync import message
 
 log = logging.getLogger(__name__)
-PLAN_LOCK_TTL = 3600.0
+PLAN_LOCK_TTL = 60.0
 RECONCILE_EVERY = 5.0
 
 
@@ -65,15 +65,40 @@ def planner(rt: Runtime) -> Planner:
 
 
 @contextlib.contextmanager
-def plan_lock(rt: Runtime, kind: str) -> Iterator[None]:
-    """Hold the planning lease of `kind`, or raise RunInProgress."""
-    holder = uuid.uuid4().hex
-    if not rt.store.acquire_lock(f"plan:{kind}", holder, PLAN_LOCK_TTL):
-        raise RunInProgress(f"another {kind} run is being planned; try again when it has finished")
+def _renewed(rt: Runtime, name: str, holder: str, ttl: float, on_lost: Callable[[], None]) -> Iterator[None]:
+    """Keep a held lease renewed while the block runs; release it after."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl / 3):
+            if not rt.store.acquire_lock(name, holder, ttl):
+                on_lost()
+                return
+
+    threading.Thread(target=renew, name=f"crmsync-lease-{name}", daemon=True).start()
     try:
         yield
     finally:
-        rt.store.release_lock(f"plan:{kind}", holder)
+        stop.set()
+        rt.store.release_lock(name, holder)
+
+
+@contextlib.contextmanager
+def plan_lock(rt: Runtime, kind: str) -> Iterator[None]:
+    """Hold the planning lease of `kind` (renewed while planning), or raise RunInProgress.
+
+    The lease is short and renewed, so a planner killed mid-run blocks the next one for
+    PLAN_LOCK_TTL seconds at most.
+    """
+    name, holder = f"plan:{kind}", uuid.uuid4().hex
+    if not rt.store.acquire_lock(name, holder, PLAN_LOCK_TTL):
+        raise RunInProgress(f"another {kind} run is being planned; try again when it has finished")
+
+    def lost() -> None:
+        log.error("the %s planning lease was lost (the state DB was unreachable?): another run may start", kind)
+
+    with _renewed(rt, name, holder, PLAN_LOCK_TTL, lost):
+        yield
 
 
 @contextlib.contextmanager
@@ -90,21 +115,13 @@ def scheduler_lease(rt: Runtime, on_wait: Callable[[], None] = lambda: None, ttl
             on_wait()
             told = True
         time.sleep(ttl / 3)
-    stop = threading.Event()
 
-    def renew() -> None:
-        while not stop.wait(ttl / 3):
-            if not rt.store.acquire_lock("beat", holder, ttl):
-                log.error("the scheduler lease was lost: stopping so that only one scheduler runs")
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
+    def lost() -> None:
+        log.error("the scheduler lease was lost: stopping so that only one scheduler runs")
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=renew, name="crmsync-beat-lease", daemon=True).start()
-    try:
+    with _renewed(rt, "beat", holder, ttl, lost):
         yield
-    finally:
-        stop.set()
-        rt.store.release_lock("beat", holder)
 
 
 def plan_run(

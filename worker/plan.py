@@ -201,7 +201,9 @@ class Planner:
                 message(run_id, c, was_dead=d, force=force, update_only=update_only, tickets=tickets)
                 for c, d in planned
             ]
-            self.enqueue(queue_for(result.kind), msgs)
+            # A run that reads every contact is bulk work, whatever its kind: fresh changes go first.
+            queue = queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind)
+            self.enqueue(queue, msgs)
             counts["enqueued"] += len(msgs)
         if page.max_updated is not None and result.kind == "incremental":
             # Pages come in updated_at order: all before this point is durably planned.

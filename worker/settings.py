@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     )
     worker_concurrency: int = Field(16, ge=1, description="Threads per worker process.")
     task_time_limit: int = Field(
-        240, ge=10, description="Seconds a sync task may run before it is stopped (and retried)."
+        240, ge=10, description="The longest a sync task may take: its retries and waits are bounded to fit."
     )
     visibility_timeout: int = Field(
         300, ge=30, description="Seconds before Redis hands an unacknowledged task to another worker."
