@@ -243,3 +243,26 @@ def test_two_beats_schedule_once(
     runs = json.loads(crmsync(crm_env, "status", "--json", "--limit", "100").stdout)["runs"]
     incremental = [r for r in runs if r["kind"] == "incremental"]
     assert 3 <= len(incremental) <= 9  # one schedule at 1/s over ~8 s, not two
+
+
+def test_status_and_runs_report_what_a_run_left(crm_env: dict[str, str], sandbox: Sandbox, tmp_path: Path) -> None:
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    engine = make_crm(crm, 10)
+    with engine.begin() as conn:
+        conn.execute(contacts.update().where(contacts.c.id == "C00004").values(email1="broken"))
+    crm_env.update(CRMSYNC_SOURCE_URL=crm, CRMSYNC_MAPPING=str(write_mapping(tmp_path)))
+    crmsync(crm_env, "init")
+    run = sync_json(crm_env, "full")
+    status = json.loads(crmsync(crm_env, "status", "--json").stdout)
+    assert status["customers"] == {"synced": 9, "dead": 1}
+    assert status["dead_letters"] == {"InvalidRecord.invalid_email": 1}
+    assert status["queue_depth"] == 0 and status["lag_seconds"] > 0
+    assert status["watermark"].startswith("2026-01-01")
+    assert status["runs"][0]["id"] == run["run_id"] and status["runs"][0]["seconds"] >= 0
+    detail = json.loads(crmsync(crm_env, "runs", "show", run["run_id"], "--json").stdout)
+    assert detail["progress"] == {"synced": 9, "dead": 1} and detail["invalid"] == 1
+    assert detail["dead_letters"] == {"InvalidRecord.invalid_email": 1}
+    text = crmsync(crm_env, "status").stdout
+    assert "lag" in text and "dead letters: 1" in text and run["run_id"] in text
+    listed = json.loads(crmsync(crm_env, "runs", "list", "--json").stdout)
+    assert [r["id"] for r in listed] == [run["run_id"]]

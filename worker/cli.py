@@ -186,32 +186,74 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Last runs, customers by status, dead letters, watermark."""
+    """Last runs, lag, queue depth, customers by status, dead letters, limiter."""
+    from .report import status
     from .runtime import runtime
 
-    store = runtime().store
-    store.close_done_runs()
-    runs = store.runs(args.limit)
-    letters = store.dead_letters(state="dead")
-    by_class: dict[str, int] = {}
-    for d in letters:
-        by_class[d["error_class"]] = by_class.get(d["error_class"], 0) + 1
-    customers = store.status_counts()
-    watermark = store.cursor()
+    st = status(runtime(), args.limit)
     if args.json:
-        _print_json({"runs": runs, "customers": customers, "dead_letters": by_class, "watermark": watermark})
+        _print_json(st)
         return 0
-    print(f"customers: {', '.join(f'{k} {v}' for k, v in sorted(customers.items())) or 'none yet'}")
-    print(f"watermark: {watermark or 'none yet'}")
+    lag = st["lag_seconds"]
+    print(f"customers:    {_counts(st['customers']) or 'none yet'}")
+    print(f"watermark:    {st['watermark'] or 'none yet'}" + (f" (lag {lag:.0f} s)" if lag is not None else ""))
+    print(f"queue:        {st['queue_depth']} tasks waiting")
     print(
-        f"dead letters: {len(letters)}"
-        + (f" ({', '.join(f'{k} {v}' for k, v in by_class.items())})" if by_class else "")
+        f"dead letters: {sum(st['dead_letters'].values())}"
+        + (f" ({_counts(st['dead_letters'])})" if st["dead_letters"] else "")
     )
-    for r in runs:
-        print(
-            f"  {r['id']} {r['kind']:<11} {r['status']:<9} started {r['started_at']:%Y-%m-%d %H:%M:%S} "
-            f"read {r['read']} enqueued {r['enqueued']} synced {r['synced']} dead {r['dead']}"
-        )
+    if st["tickets"]:
+        print(f"tickets:      {_counts(st['tickets'])}")
+    lim = st["limiter"]
+    extra = (
+        f", cool-down {lim['cooldown_seconds']} s, breaker {'OPEN' if lim['breaker_open'] else 'closed'}"
+        if lim["shared"]
+        else ""
+    )
+    where = " shared in Redis" if lim["shared"] else " per process"
+    print(f"limiter:      {lim['rate_limit']:g} requests/s{where}{extra}")
+    print("runs:")
+    for r in st["runs"]:
+        _print_run_line(r)
+    return 0
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def _print_run_line(r: dict[str, Any]) -> None:
+    took = f"{r['seconds']:.1f} s" if r["seconds"] is not None else "running"
+    print(
+        f"  {r['id']} {r['kind']:<11} {r['status']:<9} {r['started_at']:%Y-%m-%d %H:%M:%S} {took:>9}  "
+        f"read {r['read']} sent {r['enqueued']} synced {r['synced']} dead {r['dead']} invalid {r['invalid']}"
+    )
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """Run history: a list, or one run in detail."""
+    from .report import run_detail, run_summary
+    from .runtime import runtime
+
+    rt = runtime()
+    if args.action == "list":
+        rt.store.close_done_runs()
+        runs = [run_summary(r) for r in rt.store.runs(args.limit)]
+        if args.json:
+            _print_json(runs)
+        else:
+            for r in runs:
+                _print_run_line(r)
+        return 0
+    if not args.id:
+        raise ConfigError("name the run to show: crmsync runs show ID")
+    detail = run_detail(rt, args.id)
+    if detail is None:
+        raise CrmsyncError(f"no run with id {args.id}")
+    if args.json:
+        _print_json(detail)
+    else:
+        print(json.dumps(detail, default=_json_default, indent=2))
     return 0
 
 
@@ -370,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--limit", type=int, default=10)
     st.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("runs", help="run history: list, or show one")
+    r.add_argument("action", choices=["list", "show"])
+    r.add_argument("id", nargs="?")
+    r.add_argument("--limit", type=int, default=20)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_runs)
 
     d = sub.add_parser("dlq", help="dead letters: list, show, replay, discard")
     d.add_argument("action", choices=["list", "show", "replay", "discard"])

@@ -383,6 +383,14 @@ class StateStore:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
+    def dead_letter_classes(self, run_id: str | None = None) -> dict[str, int]:
+        """Open dead letters by error class (of one run, if given)."""
+        query = sa.select(DEAD.c.error_class, sa.func.count()).where(DEAD.c.state == "dead")
+        if run_id:
+            query = query.where(DEAD.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            return {c: n for c, n in conn.execute(query.group_by(DEAD.c.error_class))}
+
     def set_dead_letter_state(self, ids: Sequence[int], state: str, only_from: str | None = None) -> int:
         """Mark dead letters replayed, resolved or discarded; returns how many changed."""
         query = DEAD.update().where(DEAD.c.id.in_(list(ids)))
@@ -458,6 +466,13 @@ class StateStore:
                 .where(TICKETS.c.key == key)
                 .values(status=status, proto_id=proto_id, error=error and error[:2000], updated_at=utcnow())
             )
+
+    def ticket_counts(self) -> dict[str, int]:
+        """Tickets by status."""
+        with self.engine.connect() as conn:
+            return {
+                s: n for s, n in conn.execute(sa.select(TICKETS.c.status, sa.func.count()).group_by(TICKETS.c.status))
+            }
 
     def tickets(self, status: str | None = None) -> list[dict[str, Any]]:
         """Tickets, of one status if given."""
