@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import TOKEN, Sandbox, make_database
+from tests.conftest import SUBCOMPANY, TOKEN, Sandbox, make_database
 from tests.crm import MAPPING, contact_row, contacts, make_crm, write_mapping
 
 
@@ -266,3 +266,36 @@ def test_status_and_runs_report_what_a_run_left(crm_env: dict[str, str], sandbox
     assert "lag" in text and "dead letters: 1" in text and run["run_id"] in text
     listed = json.loads(crmsync(crm_env, "runs", "list", "--json").stdout)
     assert [r["id"] for r in listed] == [run["run_id"]]
+
+
+def test_audit_finds_customers_missing_in_proto(crm_env: dict[str, str], sandbox: Sandbox, tmp_path: Path) -> None:
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    make_crm(crm, 8)
+    crm_env.update(CRMSYNC_SOURCE_URL=crm, CRMSYNC_MAPPING=str(write_mapping(tmp_path)))
+    crmsync(crm_env, "init")
+    sync_json(crm_env, "full")
+    clean = crmsync(crm_env, "audit", "--sample", "8", "--json")
+    assert clean.returncode == 0 and json.loads(clean.stdout)["checked"] == 8
+    sandbox.http.post("/_sandbox/reset")  # Proto lost everything: every customer is missing
+    done = crmsync(crm_env, "audit", "--sample", "8", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 1 and len(report["missing"]) == 8
+    assert "custom-field values are not returned" in report["note"]
+
+
+def test_audit_reports_a_differing_field_and_extra_tags(
+    crm_env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    from worker.proto import ProtoClient
+
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    make_crm(crm, 4)
+    crm_env.update(CRMSYNC_SOURCE_URL=crm, CRMSYNC_MAPPING=str(write_mapping(tmp_path)))
+    crmsync(crm_env, "init")
+    sync_json(crm_env, "full")
+    with ProtoClient(sandbox.base_url, SUBCOMPANY, TOKEN) as client:
+        client.upsert_customer("C00003", {"name": "Someone Else"})
+        client.add_tags("C00002", ["manual"])
+    report = json.loads(crmsync(crm_env, "audit", "--sample", "4", "--json").stdout)
+    assert report["drift"] == [{"key": "C00003", "field": "name", "crm": "Ada Test3", "proto": "Someone Else"}]
+    assert report["extra_tags"] == {"C00002": ["manual"]}

@@ -348,6 +348,32 @@ def cmd_tickets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Read a sample of customers back from Proto and report drift from the CRM."""
+    from .audit import NOTE, audit, sample_contacts
+    from .jobs import planner
+    from .runtime import runtime
+
+    rt = runtime()
+    contacts = sample_contacts(planner(rt).reader, args.sample, args.seed)
+    report = audit(rt, contacts)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(
+            f"checked {report.checked} customers: {len(report.missing)} missing in Proto, "
+            f"{len(report.drift)} differing fields"
+        )
+        for key in report.missing:
+            print(f"  missing  {key}")
+        for d in report.drift:
+            print(f"  differs  {d['key']} {d['field']}: CRM {d['crm']!r}, Proto {d['proto']!r}")
+        for key, tags in report.extra_tags.items():
+            print(f"  extra tags in Proto (cannot be removed) {key}: {', '.join(tags)}")
+        print(f"note: {NOTE}")
+    return 1 if report.missing or report.drift else 0
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     """Serve the local Proto API sandbox."""
     from .sandbox import SandboxConfig, serve
@@ -432,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--wait", action="store_true", help="block until the replayed contacts are done")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_dlq, dry_run=False)
+
+    a = sub.add_parser("audit", help="compare a sample of Proto customers with the CRM")
+    a.add_argument("--sample", type=int, default=100, help="how many contacts to check (one API call each)")
+    a.add_argument("--seed", type=int, help="seed of the sample, to check the same contacts again")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_audit)
 
     t = sub.add_parser("tickets", help="tickets: list, confirm (outcome unknown), retry")
     t.add_argument("action", choices=["list", "confirm", "retry"])
