@@ -126,6 +126,7 @@ def child(spec: dict[str, Any]) -> None:
     print(
         json.dumps(
             {
+                "vm_hwm_mb": vm_hwm_kb() / 1024,
                 "seconds": seconds,
                 "cpu_seconds": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -135,6 +136,64 @@ def child(spec: dict[str, Any]) -> None:
             }
         )
     )
+
+
+def vm_hwm_kb() -> int:
+    """This process's own peak RSS (VmHWM: per address space, so it starts afresh at exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+# Linux carries the RSS high-water mark of the address space a process had before exec into
+# its ru_maxrss: a child started by this (large) process would report at least our RSS. The
+# measured steps are therefore started by a small launcher process, started first.
+LAUNCHER = r"""
+import json, subprocess, sys
+for line in sys.stdin:
+    job = json.loads(line)
+    try:
+        p = subprocess.run(job["argv"], capture_output=True, text=True, env=job["env"], cwd=job["cwd"],
+                           timeout=job["timeout"])
+        out = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+    except subprocess.TimeoutExpired:
+        out = {"rc": -9, "stdout": "", "stderr": "timed out after %s s" % job["timeout"]}
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+"""
+
+
+class Launcher:
+    """A small process that starts the measured steps, so that their ru_maxrss is their own."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def run(self, argv: list[str], env: dict[str, str], cwd: str, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": cwd, "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the launcher process died")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+LAUNCH: Launcher | None = None
 
 
 def cpu_times() -> tuple[float, float]:
@@ -148,19 +207,17 @@ def cpu_times() -> tuple[float, float]:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measured step in a fresh Python process; its figures plus the machine's CPU use."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_")}
+    assert LAUNCH is not None
     busy0, total0 = cpu_times()
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=STEP_TIMEOUT,
-        env=env,
-        cwd=spec["cwd"],
+    proc = LAUNCH.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], env, spec["cwd"], STEP_TIMEOUT
     )
     busy1, total1 = cpu_times()
-    if proc.returncode != 0:
-        raise RuntimeError(f"measured step {spec['kind']} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if proc["rc"] != 0:
+        raise RuntimeError(f"measured step {spec['kind']} exited {proc['rc']}:\n{proc['stderr'][-3000:]}")
+    out: dict[str, Any] = json.loads(proc["stdout"].strip().splitlines()[-1])
+    if abs(out["peak_rss_mb"] - out["vm_hwm_mb"]) > 5:
+        log(f"warning: ru_maxrss {out['peak_rss_mb']:.0f} MB but VmHWM {out['vm_hwm_mb']:.0f} MB")
     out["machine_busy"] = (busy1 - busy0) / max(total1 - total0, 1.0)
     return out
 
@@ -524,6 +581,24 @@ def table(results: dict[str, dict[str, Step]], n: int) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> str:
+    """The commit measured, and whether worker/ had uncommitted changes (read-only git calls)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--", "worker"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "(unknown commit)"
+    return f"{head}{' + uncommitted changes in worker/' if dirty else ''}"
+
+
 def reproduce(args: argparse.Namespace) -> str:
     parts = ["python", "bench/plan_scale.py", "--contacts", str(args.contacts), "--dialect", args.dialect]
     parts += ["--repeats", str(args.repeats)]
@@ -558,19 +633,26 @@ def main(argv: list[str]) -> int:
     dialects = ["sqlite", "postgresql"] if args.dialect == "both" else [args.dialect]
     folder = Path(tempfile.mkdtemp(prefix="crmsync-bench-plan-"))
     log(f"work in {folder}; {args.contacts} contacts, {args.repeats} repeats, dialects {', '.join(dialects)}")
+    version = code_version()
+    log(f"measuring crmsync {version}")
     started = time.monotonic()
     results: dict[str, dict[str, Step]] = {}
+    global LAUNCH
+    LAUNCH = Launcher()
     try:
         for dialect in dialects:
             results[dialect] = run_dialect(dialect, args, folder, started)
     finally:
+        LAUNCH.close()
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     load = os.getloadavg()
+    if code_version() != version:
+        log(f"warning: the code changed during the run (it started on {version}, ends on {code_version()})")
     print(reproduce(args))
     print()
     print(
-        f"{dt.date.today().isoformat()}, {platform.machine()} {os.cpu_count()} CPUs, Python "
+        f"{dt.date.today().isoformat()}, crmsync {version}, {platform.machine()} {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, SQLAlchemy {sa.__version__}; {args.contacts:,} contacts, "
         f"{args.repeats} repeat(s), peak RSS is the largest of the repeats; load average at the end "
         f"{load[0]:.2f}"

@@ -8,11 +8,11 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import ConfigError, CrmsyncError
+from .progress import RunProgress, Ticker
 
 log = logging.getLogger("crmsync")
 
@@ -25,22 +25,6 @@ def _json_default(value: Any) -> Any:
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=_json_default, sort_keys=True))
-
-
-class _Ticker:
-    """Progress lines on stderr, at most one a second; silent with --json."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.last = 0.0
-        self.start = time.monotonic()
-
-    def __call__(self, text: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.quiet or (not force and now - self.last < 1.0):
-            return
-        self.last = now
-        print(f"[{now - self.start:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -74,7 +58,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from .runtime import runtime
 
     rt = runtime()
-    tick = _Ticker(args.json)
+    tick = Ticker(args.json)
     result = plan_run(
         args.kind,
         force=args.force,
@@ -84,28 +68,27 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.dry_run or not args.wait or not result["counts"]["enqueued"]:
         run = rt.store.run(result["run_id"]) if result["run_id"] else None
         return _report(result, rt, args, run)
-    return _see_through(result, rt, args, tick, embedded_worker, wait_for_run)
+    return _see_through(result, rt, args, embedded_worker, wait_for_run)
 
 
 def _see_through(
     result: dict[str, Any],
     rt: Any,
     args: argparse.Namespace,
-    tick: _Ticker,
     embedded_worker: Callable[..., Any],
     wait_for_run: Callable[..., dict[str, Any]],
 ) -> int:
     total = result["counts"]["enqueued"]
+    with RunProgress(total, f"{result['kind']} sync", quiet=args.json) as bar:
 
-    def on_progress(p: dict[str, int]) -> None:
-        done = total - p.get("queued", 0)
-        tick(f"syncing: {done}/{total} done (synced {p.get('synced', 0)}, dead-lettered {p.get('dead', 0)})")
+        def on_progress(p: dict[str, int]) -> None:
+            bar.update(total - p.get("queued", 0), p.get("synced", 0), p.get("dead", 0))
 
-    if rt.settings.embedded_broker:
-        with embedded_worker(rt) as alive:
-            run = wait_for_run(rt, result["run_id"], on_progress, alive)
-    else:
-        run = wait_for_run(rt, result["run_id"], on_progress)
+        if rt.settings.embedded_broker:
+            with embedded_worker(rt) as alive:
+                run = wait_for_run(rt, result["run_id"], on_progress, alive)
+        else:
+            run = wait_for_run(rt, result["run_id"], on_progress)
     return _report(result, rt, args, run)
 
 
@@ -298,14 +281,17 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return 0
     if not args.ids and not args.all and not args.error_class:
         raise ConfigError("name the dead letters to replay (IDs), or give --all or --error-class")
-    tick = _Ticker(args.json)
-    result = replay([int(i) for i in args.ids], error_class=args.error_class, as_recorded=args.as_recorded)
-    run = None
+    tick = Ticker(args.json)
+    result = replay(
+        [int(i) for i in args.ids],
+        error_class=args.error_class,
+        as_recorded=args.as_recorded,
+        progress=lambda c: tick(f"re-reading: {c['read']} read, {c['enqueued']} to send"),
+    )
     if result["run_id"] and result["counts"].get("enqueued") and (args.wait or rt.settings.embedded_broker):
         # On the embedded broker nobody else would drain the queue: see the replay through.
-        args.kind = "replay"
-        return _see_through(result, rt, args, tick, embedded_worker, wait_for_run)
-    return _report(result, rt, args, run)
+        return _see_through(result, rt, args, embedded_worker, wait_for_run)
+    return _report(result, rt, args, rt.store.run(result["run_id"]) if result["run_id"] else None)
 
 
 def cmd_tickets(args: argparse.Namespace) -> int:

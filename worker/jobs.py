@@ -159,18 +159,27 @@ def replay(
     if not letters:
         return PlanResult("replay", None).as_dict()
     keys = sorted({str(d["provided_unique_id"]) for d in letters if d["provided_unique_id"] is not None})
-    if as_recorded:
-        result = _replay_as_recorded(rt, letters)
-    else:
-        with plan_lock(rt, "replay"):
-            result = (using or planner(rt)).plan("replay", keys=keys, progress=progress)
-    replayed = []
+    letter_ids = [d["id"] for d in letters]
+    # Marked before any task can run: a contact failing again sets its letter back to dead,
+    # which marking afterwards would hide.
+    rt.store.set_dead_letter_state(letter_ids, "replayed", only_from="dead")
+    try:
+        if as_recorded:
+            result = _replay_as_recorded(rt, letters)
+        else:
+            with plan_lock(rt, "replay"):
+                result = (using or planner(rt)).plan("replay", keys=keys, progress=progress)
+    except BaseException:
+        rt.store.set_dead_letter_state(letter_ids, "dead", only_from="replayed")
+        raise
+    not_taken: set[int] = set()
     for letter in letters:
         row = rt.store.customer(str(letter["provided_unique_id"])) if letter["provided_unique_id"] else None
-        if row and row["last_run_id"] == result.run_id:
-            replayed.append(letter["id"])
-    # Letters still "dead" only: a worker may already have synced (and so resolved) one.
-    rt.store.set_dead_letter_state(replayed, "replayed", only_from="dead")
+        if not row or row["last_run_id"] != result.run_id:
+            not_taken.add(letter["id"])
+    # A letter the run did not take (its row is gone from the CRM, say) stays in front of the operator.
+    rt.store.set_dead_letter_state(sorted(not_taken), "dead", only_from="replayed")
+    replayed = [i for i in letter_ids if i not in not_taken]
     summary = result.as_dict()
     summary["counts"]["letters"] = len(letters)
     summary["counts"]["replayed"] = len(replayed)

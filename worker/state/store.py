@@ -328,13 +328,19 @@ class StateStore:
         response_body: str | None = None,
         attempts: int = 1,
     ) -> int:
-        """Record a contact that failed for good; an open letter for the same key is updated."""
+        """Record a contact that failed for good.
+
+        An open letter for the same key (dead, or replayed and failing again) is updated and
+        back to dead, so a contact has at most one letter in front of an operator.
+        """
         now = utcnow()
         with self._begin() as conn:
             existing = None
             if key is not None:
                 existing = conn.execute(
-                    sa.select(DEAD.c.id).where(DEAD.c.provided_unique_id == key, DEAD.c.state == "dead")
+                    sa.select(DEAD.c.id).where(
+                        DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"])
+                    )
                 ).scalar()
             values = {
                 "run_id": run_id,
@@ -347,7 +353,9 @@ class StateStore:
             }
             if existing is not None:
                 conn.execute(
-                    DEAD.update().where(DEAD.c.id == existing).values(attempts=DEAD.c.attempts + attempts, **values)
+                    DEAD.update()
+                    .where(DEAD.c.id == existing)
+                    .values(state="dead", attempts=DEAD.c.attempts + attempts, **values)
                 )
                 return int(existing)
             result = conn.execute(
