@@ -16,7 +16,7 @@ from worker.jobs import reconcile
 from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.state.db import migrate
-from worker.tickets import send_ticket
+from worker.tickets import resend_ready_tickets, send_ticket
 
 TICKETS = """\
 tickets:
@@ -115,3 +115,19 @@ def test_a_send_cut_by_a_dead_worker_is_left_unknown(sandbox: Sandbox, tmp_path:
         conn.execute(sa.text("UPDATE tickets SET updated_at = :t WHERE key = 'K8'"), {"t": dt.datetime(2020, 1, 1)})
     reconcile(h.rt)
     assert {t["key"]: t["status"] for t in h.rt.store.tickets()}["K8"] == "unknown"
+
+
+def test_a_ticket_whose_send_was_lost_after_its_customer_synced_is_resent_once(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    h = harness(sandbox, tmp_path, [("K3", "Call me", "C00003")])
+    h.plan()
+    for _, msg in h.queued:
+        msg.pop("tickets")  # the worker was killed between the customer's sync and its ticket's send
+    h.drain()
+    assert h.rt.store.tickets()[0]["status"] == "pending" and tickets_in_proto(sandbox) == []
+    assert resend_ready_tickets(h.rt, h.ticket_keys.extend) == 1
+    assert resend_ready_tickets(h.rt, h.ticket_keys.extend) == 1  # reconciled twice before a worker ran
+    assert [send_ticket(h.rt, k) for k in h.ticket_keys] == ["created", "skipped"]
+    assert len(tickets_in_proto(sandbox)) == 1
+    assert resend_ready_tickets(h.rt, h.ticket_keys.extend) == 0

@@ -26,6 +26,7 @@ from .runtime import Runtime, runtime
 from .source.mapping import load_mapping
 from .source.reader import SourceReader, source_engine
 from .sync import message
+from .tickets import resend_ready_tickets
 
 log = logging.getLogger(__name__)
 PLAN_LOCK_TTL = 60.0
@@ -216,7 +217,8 @@ def reconcile(rt: Runtime | None = None, run_id: str | None = None) -> dict[str,
     """Re-send the tasks of stalled runs: planned, not done, nothing moving, nothing queued.
 
     A task is lost when a worker is killed with it, or Redis restarts empty. Re-sending is
-    safe: a task that turns up after all finds the customer synced and sends nothing.
+    safe: a task that turns up after all finds the customer synced and sends nothing. Pending
+    tickets whose customer is in Proto go again too (a send is claimed: never opened twice).
     """
     rt = rt or runtime()
     if abandoned := rt.store.abandon_sending_tickets(older_than=rt.settings.task_time_limit):
@@ -224,8 +226,11 @@ def reconcile(rt: Runtime | None = None, run_id: str | None = None) -> dict[str,
     runs = [r for r in rt.store.running_runs() if run_id in (None, r["id"])]
     stalled = {r["id"]: (r["kind"], rt.store.stalled_keys(r["id"], rt.settings.reconcile_after)) for r in runs}
     stalled = {k: v for k, v in stalled.items() if v[1]}
-    if not stalled or queue_depth() > 0:
+    tickets_waiting = bool(rt.store.ready_tickets())
+    if not (stalled or tickets_waiting) or queue_depth() > 0:
         return {}
+    if tickets_waiting and (sent := resend_ready_tickets(rt, celery_enqueue_tickets)):
+        log.info("%d tickets whose customer is in Proto were still pending: sending them", sent)
     resent = {}
     for rid, (kind, keys) in stalled.items():
         log.warning(

@@ -34,6 +34,20 @@ def plan_tickets(
     return counts
 
 
+def resend_ready_tickets(rt: Runtime, enqueue: Callable[[list[str]], None]) -> int:
+    """Enqueue every pending ticket whose customer is in Proto; returns how many.
+
+    A ticket is sent by its customer's task once the customer is synced. A task lost between
+    the two (a worker killed, Redis emptied) or a send held back (`pending` again after an
+    outage) would otherwise wait for the next planning. Each send is claimed, so a ticket
+    enqueued twice is still opened once.
+    """
+    ready = rt.store.ready_tickets()
+    if ready:
+        enqueue(ready)
+    return len(ready)
+
+
 def send_ticket(rt: Runtime, key: str) -> str:
     """Open the ticket of one case, unless another task already claimed it; returns its status."""
     ticket = rt.store.claim_ticket(key)
