@@ -238,3 +238,34 @@ def test_a_redis_outage_is_a_retryable_error() -> None:
         limiter.acquire()
     with pytest.raises(RetryableError, match="rate limiter"):
         limiter.pause(1.0)
+
+
+# -- a pause that begins while a caller sleeps to its slot -----------------------------------------
+
+
+def test_a_pause_that_begins_while_a_caller_waits_for_its_slot_holds_that_caller_too() -> None:
+    clock = FakeClock()
+    limiter = LocalLimiter(10, clock=clock, sleep=clock.sleep)
+    limiter.acquire()  # 100.0; the next slot is 100.1
+
+    def sleep_then_429(seconds: float) -> None:
+        if not clock.sleeps:
+            limiter.pause(2.0)  # another thread's 429, while this one sleeps: until 102.0
+        clock.sleep(seconds)
+
+    limiter._sleep = sleep_then_429
+    limiter.acquire()
+
+    assert clock.now == pytest.approx(102.0)  # not 100.1, inside the pause
+
+
+def test_a_redis_pause_holds_callers_already_booked_in_every_process(redis_url: str) -> None:
+    name = "booked-" + uuid.uuid4().hex[:8]
+    waiter = RedisLimiter(redis.Redis.from_url(redis_url), name, 4)  # slots 250 ms apart
+    other = RedisLimiter(redis.Redis.from_url(redis_url), name, 4)
+    waiter.acquire()
+    threading.Timer(0.05, lambda: other.pause(1.0)).start()  # a 429 elsewhere, mid-wait
+    started = time.monotonic()
+    waiter.acquire()  # booked for +250 ms, before the pause began
+
+    assert time.monotonic() - started >= 1.0

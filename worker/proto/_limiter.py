@@ -4,6 +4,9 @@ Both limiters implement GCRA with reservations: `acquire()` books the next free 
 sleeps until it, so waiting callers are served in order with no polling, and a 429's
 `Retry-After` pushes every later slot back (`pause`).
 
+A caller that slept to a slot booked before a pause began does not send: it books again,
+after the pause. So a 429 holds the requests already booked as well as the later ones.
+
 `RedisLimiter` shares one schedule among every process on every host. A Lua script is used
 rather than a library: pyrate-limiter and limits answer "allowed now or not", which makes
 waiters poll and bunch up at window edges; GCRA with a reservation tells each caller exactly
@@ -50,13 +53,19 @@ class LocalLimiter:
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
-        """Book the next slot and sleep until it."""
-        with self._lock:
-            now = self._clock()
-            slot = max(now, self._paused_until, self._tat - (self.burst - 1) * self.interval)
-            self._tat = max(self._tat, slot) + self.interval
-        if slot > now:
+        """Book the next slot and sleep until it; book again if a pause began meanwhile."""
+        while True:
+            with self._lock:
+                now = self._clock()
+                paused = self._paused_until
+                slot = max(now, paused, self._tat - (self.burst - 1) * self.interval)
+                self._tat = max(self._tat, slot) + self.interval
+            if slot <= now:
+                return
             self._sleep(slot - now)
+            with self._lock:
+                if self._paused_until == paused:
+                    return
 
     def pause(self, seconds: float) -> None:
         """Hold every caller for `seconds` from now."""
@@ -74,7 +83,7 @@ local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
 local slot = math.max(now, paused, tat - (burst - 1) * interval)
 local new_tat = math.max(tat, slot) + interval
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
-return tostring(slot - now)
+return {tostring(slot - now), tostring(paused)}
 """
 
 _PAUSE = """
@@ -95,6 +104,7 @@ class RedisLimiter:
         import redis
 
         self._redis_errors = (redis.RedisError,)
+        self._redis = redis_client
         self.interval = 1.0 / rate
         self.burst = burst
         self._keys = [f"crmsync:limiter:{name}:tat", f"crmsync:limiter:{name}:paused"]
@@ -102,13 +112,22 @@ class RedisLimiter:
         self._pause = redis_client.register_script(_PAUSE)
 
     def acquire(self) -> None:
-        """Book the next shared slot and sleep until it."""
+        """Book the next shared slot and sleep until it; book again if a pause began meanwhile.
+
+        The check after the sleep costs one GET, and only to callers that slept.
+        """
         try:
-            wait = float(self._gcra(keys=self._keys, args=[self.interval, self.burst]))
+            while True:
+                wait, paused = self._gcra(keys=self._keys, args=[self.interval, self.burst])
+                if float(wait) <= 0:
+                    return
+                time.sleep(float(wait))
+                # A pause only ever moves later: a different value is a pause newer than our slot.
+                now_paused = self._redis.get(self._keys[1])
+                if float(now_paused or 0) == float(paused):
+                    return
         except self._redis_errors as exc:
             raise RetryableError(f"the shared rate limiter (Redis) failed: {exc}") from None
-        if wait > 0:
-            time.sleep(wait)
 
     def pause(self, seconds: float) -> None:
         """Hold every process for `seconds` from now."""
