@@ -1,0 +1,1 @@
+"""Chaos suite: real `crmsync` processes on Redis and PostgreSQL, with faults injected mid-run."""
