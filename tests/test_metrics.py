@@ -222,10 +222,10 @@ def test_runs_feed_duration_by_kind_and_degraded_runs_are_counted() -> None:
 
     metrics.observe_run("replay", 12.5, degraded=False)
     metrics.observe_finished_run(
-        {"kind": "replay", "started_at": start, "finished_at": start + dt.timedelta(seconds=30), "dead": 2}
+        {"kind": "replay", "started_at": start, "finished_at": start + dt.timedelta(seconds=30), "degraded": True}
     )
     metrics.observe_finished_run(
-        {"kind": "replay", "started_at": start, "finished_at": start + dt.timedelta(seconds=7), "dead": 0}
+        {"kind": "replay", "started_at": start, "finished_at": start + dt.timedelta(seconds=7), "degraded": False}
     )
     metrics.observe_finished_run({"kind": "replay", "started_at": start, "finished_at": "broken"})  # never raises
 
@@ -234,28 +234,31 @@ def test_runs_feed_duration_by_kind_and_degraded_runs_are_counted() -> None:
     assert value("crmsync_runs_degraded_total", kind="replay") - degraded == 1
 
 
-def test_a_run_as_the_state_store_returns_it_is_timed_and_judged_degraded_by_its_dead_letters(
-    sqlite_state: str,
-) -> None:
+def test_runs_closed_by_the_store_are_judged_by_the_threshold_and_counted_once(sqlite_state: str) -> None:
     from worker.state.db import state_engine
-    from worker.state.models import utcnow
     from worker.state.store import StateStore
 
-    store = StateStore(state_engine(sqlite_state))
-    clean, degraded = store.start_run("incremental"), store.start_run("incremental")
-    # Closed by hand, not by finish_run: once wired, finish_run counts the run itself.
-    store.update_run(clean, status="finished", finished_at=utcnow())
-    store.update_run(degraded, status="finished", finished_at=utcnow(), dead=1)
+    store = StateStore(state_engine(sqlite_state), degraded_threshold=0.1)
+    clean, degraded, failed = (store.start_run("incremental") for _ in range(3))
+    for run_id, letters in ((clean, 2), (degraded, 3)):  # of 20 read: 10 % is not past 0.1, 15 % is
+        store.update_run(run_id, status="running", read=20, enqueued=20)
+        for i in range(letters):
+            store.add_dead_letter(f"{run_id}-{i}", run_id, {}, error_class="PermanentError.422", message="refused")
+        store.finish_run(run_id)
+    store.fail_run(failed, "the CRM was unreachable")
+    assert [store.run(r)["degraded"] for r in (clean, degraded, failed)] == [False, True, True]  # type: ignore[index]
+    finished_at = store.run(clean)["finished_at"]  # type: ignore[index]
+    store.finish_run(clean)  # closed once: a second close changes nothing
+    assert store.run(clean)["finished_at"] == finished_at  # type: ignore[index]
     count = value("crmsync_run_duration_seconds_count", kind="incremental")
     bad = value("crmsync_runs_degraded_total", kind="incremental")
 
-    for run_id in (clean, degraded):
-        run = store.run(run_id)
-        assert run is not None
+    for run in store.claim_uncounted_runs():
         metrics.observe_finished_run(run)
+    assert store.claim_uncounted_runs() == []  # another worker finds nothing left to count
 
-    assert value("crmsync_run_duration_seconds_count", kind="incremental") - count == 2
-    assert value("crmsync_runs_degraded_total", kind="incremental") - bad == 1
+    assert value("crmsync_run_duration_seconds_count", kind="incremental") - count == 3
+    assert value("crmsync_runs_degraded_total", kind="incremental") - bad == 2
 
 
 def test_breaker_gauge_reads_the_breaker_when_scraped(scrape_sources: None) -> None:

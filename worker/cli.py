@@ -121,9 +121,21 @@ def _report(result: dict[str, Any], rt: Any, args: argparse.Namespace, run: dict
     return 0
 
 
+# prometheus-client's multiprocess mode (see worker/metrics.py): named here, as it must be set
+# before anything imports prometheus_client.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker serving the priority queue ahead of the bulk queue."""
+    if args.metrics_port is not None:
+        from .settings import load_settings
+
+        # Every worker of the host writes its figures in one directory, and whichever of them
+        # answers a scrape serves their sum.
+        os.environ.setdefault(METRICS_DIR_ENV, str(load_settings().data_dir / "metrics"))
     from .celery_app import app
+    from .observe import serve_metrics
     from .queues import Queue
     from .runtime import runtime
 
@@ -131,6 +143,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     rt.check_timing()
     rt.store  # noqa: B018 - refuse to start on a state DB that is not migrated, rather than fail every task
     settings = rt.settings
+    if args.metrics_port is not None:
+        serve_metrics(rt, args.metrics_port, count_runs=True)
     argv = [
         "worker",
         "--pool",
@@ -154,11 +168,16 @@ def cmd_beat(args: argparse.Namespace) -> int:
     """Run Celery beat: incremental syncs every N seconds, a full sync on a cron."""
     from .celery_app import app
     from .jobs import scheduler_lease
+    from .observe import serve_metrics
     from .runtime import runtime
 
     rt = runtime()
     data = rt.settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
+    if args.metrics_port is not None:
+        # Beat runs no task: it serves the gauges (queue depth, breaker, dead letters), and serves
+        # them while it stands by too.
+        serve_metrics(rt, args.metrics_port, count_runs=False)
 
     def standing_by() -> None:
         print("another crmsync beat holds the schedule: standing by", file=sys.stderr, flush=True)
@@ -210,6 +229,7 @@ def _print_run_line(r: dict[str, Any]) -> None:
     print(
         f"  {r['id']} {r['kind']:<11} {r['status']:<9} {r['started_at']:%Y-%m-%d %H:%M:%S} {took:>9}  "
         f"read {r['read']} sent {r['enqueued']} synced {r['synced']} dead {r['dead']} invalid {r['invalid']}"
+        + ("  DEGRADED" if r.get("degraded") else "")
     )
 
 
@@ -414,10 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run a worker process")
     w.add_argument("--concurrency", type=int, help="threads (default CRMSYNC_WORKER_CONCURRENCY)")
     w.add_argument("--loglevel", default="INFO")
+    w.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (give every worker of a host the same)"
+    )
     w.set_defaults(func=cmd_worker)
 
     b = sub.add_parser("beat", help="run the scheduler")
     b.add_argument("--loglevel", default="INFO")
+    b.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (not a worker's)")
     b.set_defaults(func=cmd_beat)
 
     st = sub.add_parser("status", help="runs, customers, dead letters, watermark")

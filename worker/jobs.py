@@ -201,16 +201,9 @@ def _replay_as_recorded(rt: Runtime, letters: list[dict[str, Any]]) -> PlanResul
 def queue_depth() -> int:
     """Tasks waiting on the broker, over every crmsync queue (in-flight tasks not included)."""
     from .celery_app import app
+    from .metrics import broker_queue_depths
 
-    depth = 0
-    with app.connection_for_read() as conn:
-        channel = conn.default_channel
-        for queue in Queue:
-            try:
-                depth += channel.queue_declare(queue=queue.value, passive=True).message_count
-            except conn.channel_errors:
-                continue  # never declared: nothing ever waited there
-    return depth
+    return sum(broker_queue_depths(app, [q.value for q in Queue]).values())
 
 
 def reconcile(rt: Runtime | None = None, run_id: str | None = None) -> dict[str, int]:

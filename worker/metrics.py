@@ -27,10 +27,11 @@ scrape serves the same totals, so a worker that restarts never leaves the port d
 
 Reading the figures
 -------------------
-Every worker host reports the same queue depth (it is the broker's): aggregate it with
-``max by (queue)``, not ``sum``. ``crmsync_sync_lag_seconds`` measures from the CRM's
-``updated_at`` of a contact to the moment it is synced: meaningful for incremental runs; the
-first full sync (and replays) feed it the age of old rows, which land in the top buckets.
+Every worker host reports the same queue depth (it is the broker's) and the same open dead
+letters (the state DB's): aggregate them with ``max by (...)``, not ``sum``.
+``crmsync_sync_lag_seconds`` measures from the CRM's ``updated_at`` of a contact to the moment
+it is synced: meaningful for incremental runs; the first full sync (and replays) feed it the age
+of old rows, which land in the top buckets.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ RUN_SECONDS = Histogram(
 
 RUNS_DEGRADED = Counter(
     "crmsync_runs_degraded",
-    "Finished runs that left contacts unsynced (dead-lettered, invalid or failed), by kind.",
+    "Finished runs that left more than CRMSYNC_DEGRADED_THRESHOLD of their contacts unsynced "
+    "(dead-lettered, invalid or failed), and runs whose planning failed, by kind.",
     ["kind"],
 )
 """Runs that finished degraded, by kind."""
@@ -198,7 +200,14 @@ BREAKER_OPEN = ScrapeTimeGauge(
 )
 """1 while the circuit breaker is open: read from the breaker given to :func:`register_breaker` at scrape time."""
 
-SCRAPE_TIME_GAUGES = (QUEUE_DEPTH, BREAKER_OPEN)
+DEAD_LETTERS = ScrapeTimeGauge(
+    "crmsync_dead_letters",
+    "Open dead letters (waiting for an operator) in the state DB, by error class.",
+    "error_class",
+)
+"""Open dead letters by error class: read from the state DB given to :func:`register_dead_letters` at scrape time."""
+
+SCRAPE_TIME_GAUGES = (QUEUE_DEPTH, BREAKER_OPEN, DEAD_LETTERS)
 for _gauge in SCRAPE_TIME_GAUGES:
     REGISTRY.register(_gauge)
 
@@ -320,14 +329,14 @@ def observe_run(kind: str, seconds: float, degraded: bool) -> None:
 
 
 def observe_finished_run(run: Mapping[str, Any]) -> None:
-    """:func:`observe_run` for a closed run as the state store returns it (`StateStore.finish_run`).
+    """:func:`observe_run` for a closed run as the state store returns it (`StateStore.claim_uncounted_runs`).
 
-    Degraded: some of its contacts were dead-lettered, invalid or failed. Never raises.
+    Degraded is the verdict the store recorded when it closed the run (CRMSYNC_DEGRADED_THRESHOLD).
+    Never raises.
     """
     try:
         seconds = (run["finished_at"] - run["started_at"]).total_seconds()
-        degraded = any(run.get(k) for k in ("dead", "invalid", "failed"))
-        observe_run(str(run["kind"]), seconds, degraded)
+        observe_run(str(run["kind"]), seconds, bool(run.get("degraded")))
     except Exception as exc:  # a metric must not fail the run it measures
         log.debug("run not counted in metrics: %s", exc)
 
@@ -347,6 +356,15 @@ def register_breaker(is_open: Callable[[], bool] | None) -> None:
     With the Redis breaker every process reads the same shared state.
     """
     BREAKER_OPEN.read_from(is_open)
+
+
+def register_dead_letters(source: Callable[[], Mapping[str, float]] | None) -> None:
+    """Have ``crmsync_dead_letters`` read `source()` (error class -> open letters) at each scrape; None stops it.
+
+    For the state DB: ``register_dead_letters(rt.store.dead_letter_classes)``. Like the queue depth,
+    every host reports the same figure: aggregate it with ``max``.
+    """
+    DEAD_LETTERS.read_from(source)
 
 
 def broker_queue_depths(app: Any, queues: Iterable[str]) -> dict[str, int]:

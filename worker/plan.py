@@ -118,7 +118,7 @@ class Planner:
                     progress(result.counts)
         except Exception as exc:
             if result.run_id:
-                store.update_run(result.run_id, status="failed", finished_at=utcnow(), error=self.rt.redact(str(exc)))
+                store.fail_run(result.run_id, self.rt.redact(str(exc)))
             raise
         if self.mapping.tickets and result.run_id and not into_run and kind != "replay" and self.enqueue_tickets:
             result.counts.update(plan_tickets(self.rt, self.reader, self.mapping.tickets, self.enqueue_tickets))

@@ -39,7 +39,7 @@ class Runtime:
         if not current:
             where = engine.url.render_as_string(hide_password=True)
             raise ConfigError(f"the state database {where} is not initialised or not up to date: run `crmsync init`")
-        return StateStore(engine)
+        return StateStore(engine, degraded_threshold=self.settings.degraded_threshold)
 
     @cached_property
     def redis(self) -> Any:

@@ -14,6 +14,7 @@ from .errors import ConfigError
 DEFAULT_BASE_URL = "https://v3-api.proto.cx/api/platform"
 # ASSUMED: Proto publishes no limit; the sandbox defaults to the same figure.
 DEFAULT_RATE_LIMIT = 50.0
+DEFAULT_DEGRADED_THRESHOLD = 0.01
 
 
 class Settings(BaseSettings):
@@ -56,6 +57,13 @@ class Settings(BaseSettings):
     )
     visibility_timeout: int = Field(
         300, ge=30, description="Seconds before Redis hands an unacknowledged task to another worker."
+    )
+    degraded_threshold: float = Field(
+        DEFAULT_DEGRADED_THRESHOLD,
+        ge=0,
+        le=1,
+        description="A run is degraded when more than this share of the contacts it read ended invalid, "
+        "dead-lettered or failed.",
     )
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ from typing import Any
 
 from .contact import PARTS, Contact, payload_hash
 from .errors import CircuitOpen, PermanentError, ProtoError
+from .metrics import counts_outcome
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,9 @@ def message(
     return msg
 
 
+@counts_outcome
 def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
-    """Bring one Proto customer in line with the contact in `msg`."""
+    """Bring one Proto customer in line with the contact in `msg`; its outcome is counted in the metrics."""
     contact = Contact.from_payload(msg["contact"])
     run_id = msg.get("run_id")
     state = rt.store.lookup([contact.key]).get(contact.key)

@@ -1,7 +1,8 @@
 """The Proto developer API client: the eight endpoints of the vendor page over one httpx client.
 
 Every call goes through the rate limiter and the retry policy; every failure comes out as
-an error of `worker.errors` (retryable or permanent), with the bearer token redacted.
+an error of `worker.errors` (retryable or permanent), with the bearer token redacted. Every
+try is counted in `worker.metrics` by route and status, with its time on the wire.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import httpx
 import tenacity
 
 from ..errors import AuthError, CircuitOpen, PermanentError, ProtoError, RateLimited, RetryableError
+from ..metrics import timed_call
 from . import _wire
 from ._breaker import Breaker, LocalBreaker
 from ._limiter import Limiter, LocalLimiter
@@ -134,7 +136,9 @@ class ProtoClient:
         self._breaker.before_call()
         self._limiter.acquire()
         try:
-            result = self._exchange(route, method, url, body, params)
+            # Timed on the wire alone (the limiter's wait is not the API's latency), every try counted.
+            with timed_call(route):
+                result = self._exchange(route, method, url, body, params)
         except RetryableError as exc:
             if isinstance(exc, RateLimited):
                 raise

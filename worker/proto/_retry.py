@@ -1,7 +1,8 @@
 """The retry policy of API calls, as data: what is retried, how long to wait, when to stop.
 
 A 429 waits exactly its Retry-After and does not spend the error budget; other retryable
-errors back off exponentially with jitter, up to `max_attempts` tries in all.
+errors back off exponentially with jitter, up to `max_attempts` tries in all. Each retry is
+counted in `worker.metrics` by its reason.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tenacity
 from tenacity import RetryCallState
 
 from ..errors import CircuitOpen, RateLimited, RetryableError
+from ..metrics import observe_retry
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,13 @@ class RetryPolicy:
                 tally["limited" if limited else "errors"] += 1
             return True
 
-        return tenacity.Retrying(wait=wait, stop=stop, retry=retry, sleep=sleep, reraise=True)
+        def before_sleep(state: RetryCallState) -> None:
+            # Only here is a retry sure to happen (`retry` may be overruled by `stop`).
+            observe_retry(_exception(state))
+
+        return tenacity.Retrying(
+            wait=wait, stop=stop, retry=retry, sleep=sleep, before_sleep=before_sleep, reraise=True
+        )
 
 
 def _exception(state: RetryCallState) -> BaseException | None:

@@ -52,6 +52,10 @@ class SyncRun(Base):
     failed: Mapped[int] = mapped_column(default=0)
     dead: Mapped[int] = mapped_column(default=0)
     error: Mapped[str | None] = mapped_column(sa.Text)
+    # The verdict at close (CRMSYNC_DEGRADED_THRESHOLD then), kept so a changed setting rewrites no history.
+    degraded: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    # When a worker serving metrics counted the closed run: each run is counted once, whoever closed it.
+    counted_at: Mapped[dt.datetime | None] = mapped_column(index=True)
 
 
 class CustomerSyncState(Base):

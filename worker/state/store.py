@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from ..settings import DEFAULT_DEGRADED_THRESHOLD
 from .models import CustomerSyncState, CustomFieldRecord, DeadLetter, Lock, SyncCursor, SyncRun, Ticket, utcnow
 
 STATE = cast(sa.Table, CustomerSyncState.__table__)
@@ -62,34 +64,38 @@ def _upsert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], ke
     """Insert rows, or update the ones whose `keys` exist, in one statement per dialect."""
     if not rows:
         return
-    dialect = conn.dialect.name
-    cols = [c for c in rows[0] if c not in keys]
+    cols = tuple(c for c in rows[0] if c not in keys)
+    conn.execute(_upsert_statement(conn.dialect.name, table, cols, tuple(keys)), rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_statement(dialect: str, table: sa.Table, cols: tuple[str, ...], keys: tuple[str, ...]) -> Any:
+    """The upsert of `cols` keyed on `keys`, built once: the planner writes one per page."""
     stmt: Any
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
         stmt = pg_insert(table)
-        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
-    elif dialect == "sqlite":
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
+    if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
         stmt = sqlite_insert(table)
-        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
-    elif dialect in ("mysql", "mariadb"):
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
+    if dialect in ("mysql", "mariadb"):
         from sqlalchemy.dialects.mysql import insert as mysql_insert
 
         stmt = mysql_insert(table)
-        stmt = stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in cols})
-    else:  # pragma: no cover - the three dialects above are the supported ones
-        raise NotImplementedError(f"state DB dialect {dialect} is not supported")
-    conn.execute(stmt, rows)
+        return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in cols})
+    raise NotImplementedError(f"state DB dialect {dialect} is not supported")  # pragma: no cover
 
 
 class StateStore:
     """The state database, as the planner, the tasks and the CLI use it."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, degraded_threshold: float = DEFAULT_DEGRADED_THRESHOLD) -> None:
         self.engine = engine
+        self.degraded_threshold = degraded_threshold
         # SQLite takes one writer at a time and its busy handler sleeps in coarse steps:
         # queueing this process's writers on a lock is much faster than letting them collide.
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
@@ -248,25 +254,63 @@ class StateStore:
         """Close the running runs that have no customer left queued (nobody waited on them)."""
         with self.engine.connect() as conn:
             running = list(conn.execute(sa.select(RUNS.c.id).where(RUNS.c.status == "running")).scalars())
-        done = [r for r in running if not self.run_progress(r).get("queued")]
+        done = [r for r in running if not self._has_queued(r)]
         for run_id in done:
             self.finish_run(run_id)
         return done
 
+    def _has_queued(self, run_id: str) -> bool:
+        """Whether a customer of the run is still queued: one row found, not every row counted."""
+        query = sa.select(STATE.c.provided_unique_id).where(STATE.c.last_run_id == run_id, STATE.c.status == "queued")
+        with self.engine.connect() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
     def finish_run(self, run_id: str) -> dict[str, Any]:
-        """Close a run whose customers are all done, with its final counts."""
+        """Close a run whose customers are all done, with its final counts and its degraded verdict.
+
+        A run is closed once: closing it again (another process waited on it too) changes nothing.
+        """
         progress = self.run_progress(run_id)
-        self.update_run(
-            run_id,
-            status="finished",
-            finished_at=utcnow(),
-            synced=progress.get("synced", 0),
-            failed=progress.get("failed", 0),
-            dead=progress.get("dead", 0),
-        )
-        run = self.run(run_id)
-        assert run is not None
-        return run
+        counts = {k: progress.get(k, 0) for k in ("synced", "failed", "dead")}
+        with self._begin() as conn:
+            run = conn.execute(sa.select(RUNS.c.read, RUNS.c.enqueued).where(RUNS.c.id == run_id)).first()
+            if run is not None:
+                # Its dead letters: invalid rows (keyed or not) and failed sends, each once.
+                letters = conn.execute(sa.select(sa.func.count()).where(DEAD.c.run_id == run_id)).scalar() or 0
+                degraded = is_degraded(
+                    unsynced=letters + counts["failed"],
+                    read=run.read,
+                    enqueued=run.enqueued,
+                    threshold=self.degraded_threshold,
+                )
+                still_open = RUNS.c.status.in_(("planning", "running"))
+                conn.execute(
+                    RUNS.update()
+                    .where(RUNS.c.id == run_id, still_open)
+                    .values(status="finished", finished_at=utcnow(), degraded=degraded, **counts)
+                )
+        closed = self.run(run_id)
+        assert closed is not None
+        return closed
+
+    def fail_run(self, run_id: str, error: str) -> None:
+        """Close a run whose planning stopped on an error: a failed run is degraded."""
+        self.update_run(run_id, status="failed", finished_at=utcnow(), error=error, degraded=True)
+
+    def claim_uncounted_runs(self) -> list[dict[str, Any]]:
+        """Closed runs no metrics have counted yet, each claimed by this call alone (across processes)."""
+        with self.engine.connect() as conn:
+            closed = sa.and_(RUNS.c.finished_at.is_not(None), RUNS.c.counted_at.is_(None))
+            candidates = list(conn.execute(sa.select(RUNS.c.id).where(closed)).scalars())
+        claimed = []
+        for run_id in candidates:
+            with self._begin() as conn:
+                won = conn.execute(
+                    RUNS.update().where(RUNS.c.id == run_id, RUNS.c.counted_at.is_(None)).values(counted_at=utcnow())
+                ).rowcount
+            if won:
+                claimed.append(run_id)
+        return [run for run_id in claimed if (run := self.run(run_id)) is not None]
 
     # -- incremental watermark -------------------------------------------------------------------
 
@@ -338,9 +382,7 @@ class StateStore:
             existing = None
             if key is not None:
                 existing = conn.execute(
-                    sa.select(DEAD.c.id).where(
-                        DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"])
-                    )
+                    sa.select(DEAD.c.id).where(DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"]))
                 ).scalar()
             values = {
                 "run_id": run_id,
@@ -538,6 +580,15 @@ class StateStore:
         """Give the lease back."""
         with self._begin() as conn:
             conn.execute(LOCKS.delete().where(LOCKS.c.name == name, LOCKS.c.holder == holder))
+
+
+def is_degraded(*, unsynced: int, read: int, enqueued: int, threshold: float) -> bool:
+    """Whether more than `threshold` of a run's contacts ended unsynced (invalid, dead-lettered, failed).
+
+    The share is of the contacts the run read (a replay as recorded reads none: of those it sent),
+    so a few bad rows in a nightly full sync of a big CRM do not make every night degraded.
+    """
+    return unsynced > threshold * max(read, enqueued, 1)
 
 
 def _as_utc(value: dt.datetime) -> dt.datetime:
