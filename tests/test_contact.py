@@ -443,3 +443,33 @@ def test_a_contact_survives_the_round_trip_through_a_json_task_payload(mapping: 
     assert back.part("profile") == c.profile
     assert back.part("tags") == c.tags
     assert back.part("fields") == c.fields
+
+
+def test_the_payload_is_a_copy_equal_to_the_dataclass_fields(mapping: Mapping) -> None:
+    import dataclasses
+
+    c = build_contact(mapping, row(), extra_fields=[("score", 3)])
+    payload = c.to_payload()
+
+    assert payload == dataclasses.asdict(c)
+    payload["profile"]["name"] = "changed"
+    payload["tags"].append("changed")
+    assert c.profile["name"] != "changed" and "changed" not in c.tags
+
+
+def test_hashes_are_those_of_canonical_json() -> None:
+    import hashlib
+
+    from worker.contact import content_hash
+
+    value = {"b": [1, 2.5, None, True], "a": "é", "c": {"z": "x", "y": ""}}
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    assert content_hash(value) == hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@pytest.mark.parametrize("year", [1, 999, 1000, 2026, 9999])
+def test_versions_keep_one_text_form_in_every_year(year: int) -> None:
+    value = dt.datetime(year, 3, 4, 5, 6, 7, 89)
+
+    assert version_text(value) == value.strftime("%Y-%m-%dT%H:%M:%S.%f")

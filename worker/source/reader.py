@@ -155,7 +155,9 @@ class SourceReader:
     def _rows(self, query: sa.Select[Any]) -> list[dict[str, Any]]:
         with self._connect() as conn:
             try:
-                return [dict(r) for r in conn.execute(query).mappings()]
+                result = conn.execute(query)
+                names = list(result.keys())
+                return [dict(zip(names, row, strict=True)) for row in result]
             except sa.exc.SQLAlchemyError as exc:
                 raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
 
