@@ -31,6 +31,8 @@ Enqueue = Callable[[Queue, list[dict[str, Any]]], None]
 EnqueueTickets = Callable[[list[str]], None]
 Progress = Callable[[Counter[str]], None]
 PREVIEW = 10
+# Tasks marked queued and published at a time: the first reach the workers while the page is still being published.
+ENQUEUE_CHUNK = 50
 COUNTS = (
     "read",
     "new",
@@ -194,17 +196,20 @@ class Planner:
         self._record_invalid(page.invalid, run_id)
         if planned:
             self._ensure_fields(planned, registry)
-            self.rt.store.mark_queued(run_id, [(c.key, c.version) for c, _ in planned])
             update_only = settings.sync_mode == "update-only"
             tickets = self.mapping.tickets is not None
-            msgs = [
-                message(run_id, c, was_dead=d, force=force, update_only=update_only, tickets=tickets)
-                for c, d in planned
-            ]
             # A run that reads every contact is bulk work, whatever its kind: fresh changes go first.
             queue = queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind)
-            self.enqueue(queue, msgs)
-            counts["enqueued"] += len(msgs)
+            # In chunks, so that workers start on the first tasks while the rest are published.
+            for start in range(0, len(planned), ENQUEUE_CHUNK):
+                chunk = planned[start : start + ENQUEUE_CHUNK]
+                self.rt.store.mark_queued(run_id, [(c.key, c.version) for c, _ in chunk])
+                msgs = [
+                    message(run_id, c, was_dead=d, force=force, update_only=update_only, tickets=tickets)
+                    for c, d in chunk
+                ]
+                self.enqueue(queue, msgs)
+                counts["enqueued"] += len(msgs)
         if page.max_updated is not None and result.kind == "incremental":
             # Pages come in updated_at order: all before this point is durably planned.
             self.rt.store.advance_cursor(page.max_updated)
