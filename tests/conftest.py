@@ -122,7 +122,9 @@ class Sandbox:
     def reset(self) -> None:
         """Forget customers, fields, tickets and stats; no faults, no rate limit."""
         self.http.post("/_sandbox/reset").raise_for_status()
-        self.faults(fail_rate=0, drop_rate=0, latency_ms=0, jitter_ms=0, outage=False, rate_limit=0, burst=None)
+        self.faults(
+            fail_rate=0, drop_rate=0, throttle_rate=0, latency_ms=0, jitter_ms=0, outage=False, rate_limit=0, burst=None
+        )
 
 
 @pytest.fixture(scope="session")

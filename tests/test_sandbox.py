@@ -51,6 +51,7 @@ def control(base_url: str) -> Iterator[httpx.Client]:
 NO_FAULTS: dict[str, Any] = {
     "fail_rate": 0.0,
     "drop_rate": 0.0,
+    "throttle_rate": 0.0,
     "latency_ms": 0.0,
     "jitter_ms": 0.0,
     "rate_limit": 0.0,
@@ -411,6 +412,18 @@ def test_drop_rate_one_gives_a_transport_error_not_a_status(api: httpx.Client, c
     stats = control.get("/_sandbox/stats").json()
     assert stats["total"] == 1 and stats["dropped"] == 1
     control.post("/_sandbox/faults", json={"drop_rate": 0.0}).raise_for_status()
+    assert upsert(api, "c1", name="x").status_code == 200
+
+
+def test_throttle_rate_one_answers_429_with_retry_after_and_changes_nothing(
+    api: httpx.Client, control: httpx.Client
+) -> None:
+    control.post("/_sandbox/faults", json={"throttle_rate": 1.0}).raise_for_status()
+    answer = upsert(api, "c1", name="x")
+    assert answer.status_code == 429 and answer.headers["Retry-After"] == "1"
+    assert control.get(f"/_sandbox/customers/{SUB}").json() == []
+    assert control.get("/_sandbox/stats").json()["rate_limited"] == 1
+    control.post("/_sandbox/faults", json={"throttle_rate": 0.0}).raise_for_status()
     assert upsert(api, "c1", name="x").status_code == 200
 
 

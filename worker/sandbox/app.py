@@ -174,6 +174,7 @@ class FaultsIn(BaseModel):
     model_config = _Strict
     fail_rate: float = Field(0.0, ge=0, le=1)
     drop_rate: float = Field(0.0, ge=0, le=1)
+    throttle_rate: float = Field(0.0, ge=0, le=1)
     latency_ms: float = Field(0.0, ge=0, allow_inf_nan=False)
     jitter_ms: float = Field(0.0, ge=0, allow_inf_nan=False)
     rate_limit: float = Field(0.0, ge=0, allow_inf_nan=False)
@@ -450,6 +451,7 @@ def _faults_view(config: SandboxConfig) -> dict[str, Any]:
     return {
         "fail_rate": config.fail_rate,
         "drop_rate": config.drop_rate,
+        "throttle_rate": config.throttle_rate,
         "latency_ms": config.latency_ms,
         "jitter_ms": config.jitter_ms,
         "rate_limit": config.rate_limit,

@@ -42,6 +42,7 @@ class SandboxConfig:
     burst: int | None = None  # bucket capacity; None = 100 ms worth of requests
     fail_rate: float = 0.0  # share of API requests answered 500/502/503
     drop_rate: float = 0.0  # share of API requests whose connection is closed mid-answer
+    throttle_rate: float = 0.0  # share of API requests answered 429 (Retry-After: 1) whatever the rate
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
     outage: bool = False  # every API request answers 503
@@ -59,7 +60,7 @@ class SandboxConfig:
                 raise ConfigError(f"sandbox: sub-company id {sid!r} is not a ULID")
             if not token:
                 raise ConfigError(f"sandbox: the token of sub-company {sid} is empty")
-        for name in ("fail_rate", "drop_rate"):
+        for name in ("fail_rate", "drop_rate", "throttle_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"sandbox: {name} must be between 0 and 1")
         for name in ("rate_limit", "latency_ms", "jitter_ms"):

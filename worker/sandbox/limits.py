@@ -116,6 +116,11 @@ class FaultInjector:
                 return self._rng.choice(FAIL_STATUSES)
         return None
 
+    def throttle(self, config: SandboxConfig) -> bool:
+        """True if this request is to be answered 429 although the rate limit lets it through."""
+        with self._lock:
+            return config.throttle_rate > 0 and self._rng.random() < config.throttle_rate
+
     def drop(self, config: SandboxConfig) -> bool:
         """True if this request's connection is to be dropped."""
         with self._lock:
@@ -152,7 +157,8 @@ class ApiGate:
     """ASGI middleware for everything under /api/platform: stats, auth, rate limit, faults.
 
     Order, for a request that matches an API route: 401 (no or malformed bearer token),
-    422 (sub-company id not a ULID), 403 (token not the sub-company's), 429 (rate limit),
+    422 (sub-company id not a ULID), 403 (token not the sub-company's), 429 (rate limit, or a random
+    one of `throttle_rate`),
     then the faults (outage 503, latency, random 5xx, dropped connection), then the handler.
     Requests matching no route go straight to the app (404/405) but are still counted.
     """
@@ -222,7 +228,7 @@ class ApiGate:
             await reply(403, {"detail": "The bearer token does not grant access to this sub-company"})
             return
         wait = self._limiter.take(sid)
-        if wait > 0:
+        if wait > 0 or self._faults.throttle(config):
             await reply(429, {"detail": "Rate limit exceeded"}, {"Retry-After": retry_after(wait)})
             return
         if config.outage:
