@@ -25,7 +25,7 @@ def output() -> Iterator[io.StringIO]:
     """The stream configure_logging writes to; logging is put back as it was afterwards."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    chatty = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
+    chatty = {name: logging.getLogger(name).level for name in logs._CHATTY}
     stream = io.StringIO()
     yield stream
     logs.clear_context()

@@ -503,17 +503,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def setup_logging(level: str) -> None:
+    """Send every log line of this process through worker.logs: JSON or readable, token redacted.
+
+    CRMSYNC_LOG_FORMAT chooses; `auto` writes JSON unless stderr is a terminal, so that services
+    (systemd, Docker, a log file) get lines a machine parses and a person at a prompt reads them.
+    """
+    from .logs import configure_logging
+    from .settings import load_settings
+
+    try:
+        fmt = load_settings().log_format
+    except ConfigError:
+        fmt = "auto"  # the command reports the bad setting itself
+    configure_logging(json=fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()), level=level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `crmsync` command."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import redact
+
     args = build_parser().parse_args(argv)
     try:
+        # Commands speak on stdout and log only what goes wrong; worker and beat log their work.
+        setup_logging(getattr(args, "loglevel", "WARNING"))
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"crmsync: {exc}", file=sys.stderr)
+        print(f"crmsync: {redact(str(exc))}", file=sys.stderr)
         return 2
     except CrmsyncError as exc:
-        print(f"crmsync: error: {exc}", file=sys.stderr)
+        print(f"crmsync: error: {redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -38,8 +38,9 @@ REDACTED = "[REDACTED]"
 # `Bearer <token>` (RFC 6750 token characters), but not prose such as "the bearer token".
 _BEARER = r"(?P<scheme>\b(?i:bearer))\s+(?!(?i:tokens?|auth\w*|scheme)\b)[A-Za-z0-9\-._~+/]+=*"
 _MAX_DEPTH = 8
-# Libraries that log at INFO once per HTTP request: one line per API call is the metrics' job.
-_CHATTY = ("httpx", "httpcore")
+# Libraries that log at INFO once per HTTP request (one line per API call is the metrics' job),
+# and alembic's plugin registry, which lists its plugins at every start.
+_CHATTY = ("httpx", "httpcore", "alembic.runtime.plugins")
 
 
 class Redactor:

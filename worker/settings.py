@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(
         300, ge=30, description="Seconds before Redis hands an unacknowledged task to another worker."
     )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="Log lines on stderr: json, console (readable), or auto (json unless stderr is a terminal)."
+    )
     degraded_threshold: float = Field(
         DEFAULT_DEGRADED_THRESHOLD,
         ge=0,

@@ -1,18 +1,31 @@
-"""Celery tasks: wiring only. Each calls a plain function of sync.py or jobs.py."""
+"""Celery tasks: wiring only. Each calls a plain function of sync.py or jobs.py.
+
+Every line a task logs (Celery's own included) carries its task_id; a sync task's lines also
+carry its run_id and contact key.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from celery import Task
+from celery.signals import task_prerun
 
 from .celery_app import app
 from .errors import CircuitOpen
+from .logs import bind_context, clear_context
 from .runtime import runtime
 from .sync import sync_contact
 
 # Well below the broker's visibility timeout, so a deferred task is never delivered twice.
 DEFER_SECONDS = 15
+
+
+@task_prerun.connect(weak=False)
+def _bind_task(task_id: str | None = None, task: Task | None = None, **_: Any) -> None:
+    """Start each task's log context afresh: pool threads are reused from task to task."""
+    clear_context()
+    bind_context(task_id=task_id, task=task.name if task is not None else None)
 
 
 @app.task(name="crmsync.sync_customer", bind=True, max_retries=None)
@@ -21,6 +34,7 @@ def sync_customer(self: Task, msg: dict[str, Any]) -> str:
 
     While the circuit breaker holds the API, the task defers itself: delayed, never failed.
     """
+    bind_context(run_id=msg.get("run_id"), key=msg.get("contact", {}).get("key"))
     try:
         return sync_contact(runtime(), msg).value
     except CircuitOpen as exc:
