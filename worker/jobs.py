@@ -38,13 +38,26 @@ class RunInProgress(CrmsyncError):
 
 
 def celery_enqueue(queue: Queue, msgs: list[dict[str, Any]]) -> None:
-    """Publish one sync task per message, over one broker connection."""
+    """Publish one sync task per message, over one broker connection, in pipelined batches.
+
+    On Redis, kombu's publish batch sends the messages in a few round trips instead of one (and
+    a new client object) each; a transport without batches (the embedded broker) publishes them
+    one by one as before. The task's `argsrepr` names the contact and the run instead of the
+    repr of the whole payload: cheaper to build, and no profile data in the message headers.
+    """
     from .celery_app import app
     from .tasks import sync_customer
 
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer, producer.batch():
         for msg in msgs:
-            sync_customer.apply_async(args=[msg], queue=queue.value, producer=producer)
+            sync_customer.apply_async(
+                args=[msg], queue=queue.value, producer=producer, argsrepr=_argsrepr(msg), kwargsrepr="{}"
+            )
+
+
+def _argsrepr(msg: dict[str, Any]) -> str:
+    """What Celery shows of a sync task's arguments (events, inspect): the contact's key and the run."""
+    return f"[<contact {msg['contact']['key']!r} of run {msg.get('run_id')}>]"
 
 
 def celery_enqueue_tickets(keys: list[str]) -> None:
