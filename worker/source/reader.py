@@ -62,6 +62,7 @@ class SourceReader:
         self.mapping = mapping
         self.batch_size = batch_size
         self._columns: list[str] | None = None
+        self._side_columns: dict[str, list[str]] = {}
 
     # -- shape ---------------------------------------------------------------------------------
 
@@ -232,7 +233,9 @@ class SourceReader:
         """Rows of a `(key, ...)` query for the given keys, grouped by key text."""
         if not raw_keys:
             return {}
-        names = self._probe(sql)
+        names = self._side_columns.get(sql)
+        if names is None:  # probed once per reader, not once per page
+            names = self._side_columns[sql] = self._probe(sql)
         side = sa.text(sql).columns(*[sa.column(n) for n in names]).subquery("side")
         query = sa.select(*side.c).where(side.c[names[0]].in_(raw_keys))
         out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
