@@ -22,6 +22,7 @@ from pydantic import (
     create_model,
     model_validator,
 )
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Match
 from starlette.types import Scope
 
@@ -59,15 +60,25 @@ def _field_type(value: str) -> str:
 
 _Strict = ConfigDict(extra="forbid")  # unknown body fields are a 422, never silently ignored
 
-Text255 = Annotated[str, Field(max_length=255), AfterValidator(_no_control)]
+# _no_control's rule, stated in the OpenAPI document too, so that what it calls valid is accepted.
+_NO_CONTROL: dict[str, Any] = {"not": {"pattern": "[\\u0000-\\u001f\\u007f-\\u009f]"}}
+Text255 = Annotated[str, Field(max_length=255, json_schema_extra=_NO_CONTROL), AfterValidator(_no_control)]
 Email = Annotated[
-    str, Field(max_length=PROFILE_MAX_LENGTH["email"], pattern=EMAIL_PATTERN), AfterValidator(_no_control)
+    str,
+    Field(max_length=PROFILE_MAX_LENGTH["email"], pattern=EMAIL_PATTERN, json_schema_extra=_NO_CONTROL),
+    AfterValidator(_no_control),
 ]
 Phone = Annotated[
-    str, Field(max_length=PROFILE_MAX_LENGTH["phone_number"], pattern=PHONE_PATTERN), AfterValidator(_no_control)
+    str,
+    Field(max_length=PROFILE_MAX_LENGTH["phone_number"], pattern=PHONE_PATTERN, json_schema_extra=_NO_CONTROL),
+    AfterValidator(_no_control),
 ]
-Url = Annotated[str, Field(max_length=PROFILE_MAX_LENGTH["avatar"]), AfterValidator(_no_control)]
-Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LENGTH), AfterValidator(_no_control)]
+Url = Annotated[
+    str, Field(max_length=PROFILE_MAX_LENGTH["avatar"], json_schema_extra=_NO_CONTROL), AfterValidator(_no_control)
+]
+Tag = Annotated[
+    str, Field(min_length=1, max_length=MAX_TAG_LENGTH, json_schema_extra=_NO_CONTROL), AfterValidator(_no_control)
+]
 FieldType = Annotated[str, AfterValidator(_field_type), WithJsonSchema({"type": "string", "enum": list(FIELD_TYPES)})]
 
 # The rule of each profile field; a field _wire adds later gets Text255 until it has its own.
@@ -192,6 +203,7 @@ CustomFieldId = Annotated[str, Path(description="Id from list-custom-fields or c
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text}
     for code, text in (
+        (400, "A body that cannot be parsed at all (routes that take one), as FastAPI answers"),
         (401, "No or malformed bearer token"),
         (403, "The token is not this sub-company's"),
         (429, "Rate limit exceeded; see Retry-After (whole seconds)"),
@@ -214,10 +226,25 @@ class SandboxState:
     faults: FaultInjector
 
 
+class _AnyText(Convertor[str]):
+    """Starlette's `path` convertor with newlines too: a unique id may hold any character."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anytext", _AnyText())
+
+
 def api_path(route: str) -> str:
-    """The FastAPI path of a _wire route: under the base path, the unique id allowed to hold '/'."""
+    """The FastAPI path of a _wire route: under the base path, the unique id allowed any character, '/' too."""
     _, template = ROUTES[route]
-    return API_BASE_PATH + template.replace("{provided_unique_id}", "{provided_unique_id:path}")
+    return API_BASE_PATH + template.replace("{provided_unique_id}", "{provided_unique_id:anytext}")
 
 
 def _json_safe(value: Any) -> bool:
