@@ -6,20 +6,25 @@ sandbox over HTTP. On the embedded defaults: SQLite and the embedded broker, no 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
 from tests.conftest import SUBCOMPANY, TOKEN, Sandbox, make_database
-from tests.crm import MAPPING, contact_row, contacts, make_crm, write_mapping
+from tests.crm import BASE_TIME, MAPPING, add_tag, contact_row, contacts, make_crm, write_mapping
+from tests.test_metrics import free_port, scrape
+from worker.proto._wire import ROUTES
 
 
 def crmsync(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -41,18 +46,21 @@ def workers(crm_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     """Start real worker processes with crm_env; kill them all at the end."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(n: int = 1) -> None:
+    def start(n: int = 1, *args: str) -> list[subprocess.Popen[bytes]]:
+        started = []
         for _ in range(n):
             log = open(tmp_path / f"worker-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "worker.cli", "worker", "--concurrency", "4"],
+                    [sys.executable, "-m", "worker.cli", "worker", "--concurrency", "4", *args],
                     env=crm_env,
                     stdout=log,
                     stderr=log,
                     start_new_session=True,
                 )
             )
+            started.append(procs[-1])
+        return started
 
     yield start
     for p in procs:
@@ -264,6 +272,7 @@ def test_status_and_runs_report_what_a_run_left(crm_env: dict[str, str], sandbox
     assert detail["dead_letters"] == {"InvalidRecord.invalid_email": 1}
     text = crmsync(crm_env, "status").stdout
     assert "lag" in text and "dead letters: 1" in text and run["run_id"] in text
+    assert status["runs"][0]["degraded"] is True and "DEGRADED" in text  # 1 invalid of 10 is past 1 %
     listed = json.loads(crmsync(crm_env, "runs", "list", "--json").stdout)
     assert [r["id"] for r in listed] == [run["run_id"]]
 
@@ -299,3 +308,145 @@ def test_audit_reports_a_differing_field_and_extra_tags(
     report = json.loads(crmsync(crm_env, "audit", "--sample", "4", "--json").stdout)
     assert report["drift"] == [{"key": "C00003", "field": "name", "crm": "Ada Test3", "proto": "Someone Else"}]
     assert report["extra_tags"] == {"C00002": ["manual"]}
+
+
+# -- metrics and logs, on real processes -------------------------------------------------------------
+
+WORKER_ROUTES = ("upsert_customer", "add_tags", "add_custom_fields")
+
+
+def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
+    """Poll `check()` until it returns something truthy (and return it), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if result := check():
+                return result
+        except httpx.TransportError:
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The log lines of a worker's output, each one JSON object (Celery's banner and shutdown
+    notice go to stdout, not through logging: they are left out)."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def by_status(counts: dict[str, float]) -> dict[str, float]:
+    """Statuses as the metrics label them: every success is 2xx."""
+    out: dict[str, float] = {}
+    for status, n in counts.items():
+        label = "2xx" if status.startswith("2") else status
+        out[label] = out.get(label, 0) + n
+    return out
+
+
+@pytest.mark.services
+def test_two_workers_on_one_port_serve_the_sum_of_their_calls_and_it_equals_the_sandbox_count(
+    crm_env: dict[str, str], sandbox: Sandbox, redis_url: str, tmp_path: Path, workers: Any
+) -> None:
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    engine = make_crm(crm, 20)
+    with engine.begin() as conn:  # one invalid row of 20: past the 1 % threshold, the run is degraded
+        conn.execute(contacts.update().where(contacts.c.id == "C00013").values(email1="nope"))
+    engine.dispose()
+    crm_env.update(CRMSYNC_SOURCE_URL=crm, CRMSYNC_BROKER_URL=redis_url, CRMSYNC_MAPPING=str(write_mapping(tmp_path)))
+    assert crmsync(crm_env, "init").returncode == 0
+    port = free_port()
+    procs = workers(2, "--metrics-port", str(port))
+    logs = [tmp_path / "worker-0.log", tmp_path / "worker-1.log"]
+    wait_for("both workers ready", lambda: all("ready." in log.read_text() for log in logs))
+    sandbox.faults(fail_rate=0.15, throttle_rate=0.02)  # 5xx and 429s to count, retried
+    try:
+        run = sync_json(crm_env, "full")
+    finally:
+        sandbox.faults(fail_rate=0, throttle_rate=0)
+    assert run["counts"]["synced"] == 19
+    stats = sandbox.stats()
+
+    # A worker counts the closed run within seconds, whichever process closed it (here the command).
+    full_runs = ("crmsync_run_duration_seconds_count", (("kind", "full"),))
+    samples = wait_for("the run in the metrics", lambda: (s := scrape(port)).get(full_runs) == 1 and s)
+    for route in WORKER_ROUTES:
+        method, path = ROUTES[route]
+        sent = by_status(stats["by_route"].get(f"{method} {path}", {}))
+        counted = {
+            dict(labels)["status"]: n
+            for (name, labels), n in samples.items()
+            if name == "crmsync_api_calls_total" and dict(labels)["route"] == route
+        }
+        assert counted == sent, route
+        assert samples[("crmsync_api_call_seconds_count", (("route", route),))] == sum(sent.values())
+        limited = samples.get(("crmsync_api_rate_limited_total", (("route", route),)), 0)
+        assert limited == sent.get("429", 0)
+    worker_calls = [by_status(stats["by_route"].get(" ".join(ROUTES[r]), {})) for r in WORKER_ROUTES]
+    errors = sum(c.get(s, 0) for c in worker_calls for s in c if s.startswith("5"))
+    assert errors > 0 and samples[("crmsync_api_retries_total", (("reason", "server_error"),))] == errors
+    throttled = sum(c.get("429", 0) for c in worker_calls)
+    assert samples[("crmsync_api_retries_total", (("reason", "rate_limited"),))] == throttled
+    assert samples[("crmsync_customers_total", (("outcome", "synced"),))] == 19
+    assert samples[("crmsync_runs_degraded_total", (("kind", "full"),))] == 1
+    assert samples[("crmsync_sync_lag_seconds_count", ())] == 19
+    assert samples[("crmsync_queue_depth", (("queue", "crmsync.bulk"),))] == 0
+    assert samples[("crmsync_breaker_open", ())] == 0
+    assert samples[("crmsync_dead_letters", (("error_class", "InvalidRecord.invalid_email"),))] == 1
+    for _ in range(6):  # whichever process answers, the same sum
+        assert scrape(port)[("crmsync_customers_total", (("outcome", "synced"),))] == 19
+
+    # Two processes wrote the figures (one file each in the host's directory), both did work,
+    # and each sync task's lines carry its task, run and contact.
+    files = {f.name for f in (tmp_path / "state.crmsync" / "metrics").iterdir()}
+    assert {f"counter_{p.pid}.db" for p in procs} <= files
+    for log in logs:
+        tasks = [line for line in json_lines(log.read_text()) if line.get("run_id") == run["run_id"]]
+        assert tasks and all(line["task_id"] and line["key"].startswith("C") for line in tasks)
+    shown = json.loads(crmsync(crm_env, "runs", "show", run["run_id"], "--json").stdout)
+    assert shown["degraded"] is True
+
+
+@pytest.mark.services
+def test_the_token_is_in_no_log_line_no_output_and_no_dead_letter(
+    crm_env: dict[str, str], sandbox: Sandbox, redis_url: str, tmp_path: Path, workers: Any
+) -> None:
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    engine = make_crm(crm, 6)
+    crm_env.update(
+        CRMSYNC_SOURCE_URL=crm,
+        CRMSYNC_BROKER_URL=redis_url,
+        CRMSYNC_MAPPING=str(write_mapping(tmp_path)),
+        CRMSYNC_LOG_FORMAT="json",
+    )
+    outputs: list[subprocess.CompletedProcess[str]] = []
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        outputs.append(done := crmsync(crm_env, *args))
+        return done
+
+    run("init")
+    workers(1)
+    assert json.loads(run("sync", "full", "--wait", "--json").stdout)["counts"]["synced"] == 6
+    # Proto loses its customers; a tag added in the CRM then meets a 404 with a response body.
+    sandbox.reset()
+    add_tag(engine, "C00002", "renewal", BASE_TIME + dt.timedelta(days=1))
+    engine.dispose()
+    failed = json.loads(run("sync", "incremental", "--wait", "--json").stdout)
+    assert failed["counts"]["dead"] == 1
+    state = sa.create_engine(crm_env["CRMSYNC_STATE_URL"])
+    with state.connect() as conn:
+        stored = [dict(r) for r in conn.execute(sa.text("SELECT * FROM dead_letters")).mappings()]
+    state.dispose()
+    assert [d["provided_unique_id"] for d in stored] == ["C00002"]
+    shown = json.loads(run("dlq", "show", str(stored[0]["id"]), "--json").stdout)
+    assert shown["http_status"] == 404 and "not found" in shown["response_body"].lower()
+    run("status")
+    assert run("dlq", "show", "999").returncode == 1  # an error message, on stderr
+
+    worker_log = (tmp_path / "worker-0.log").read_text()
+    dead = [line for line in json_lines(worker_log) if "dead-lettered" in line["event"]]
+    assert [(d["run_id"], d["key"], d["level"]) for d in dead] == [(failed["run_id"], "C00002", "warning")]
+    assert dead[0]["task_id"]
+    everything = [worker_log, *(o.stdout + o.stderr for o in outputs), *(json.dumps(r, default=str) for r in stored)]
+    assert not [text[:200] for text in everything if TOKEN in text]
