@@ -385,6 +385,19 @@ def test_max_updated_is_the_largest_updated_at_of_each_page(engine: sa.Engine) -
     assert [p.max_updated for p in incremental] == [T0 + dt.timedelta(minutes=7), T0 + dt.timedelta(minutes=9)]
 
 
+def test_the_signpost_of_a_full_read_is_the_largest_updated_at_in_the_source(engine: sa.Engine) -> None:
+    times = [T0 + dt.timedelta(minutes=m) for m in (5, 1, 9, 3)]
+    setup_contacts(engine, [person(i, i, modified=t) for i, t in enumerate(times, 1)] + [person(5, 5, modified=None)])
+
+    assert make_reader(engine).max_updated() == T0 + dt.timedelta(minutes=9)
+
+
+def test_an_empty_source_or_a_mapping_without_updated_at_has_no_signpost(engine: sa.Engine) -> None:
+    setup_contacts(engine, [])
+    assert make_reader(engine).max_updated() is None
+    assert make_reader(engine, MAPPING.replace("  updated_at: modified\n", "")).max_updated() is None
+
+
 # -- reading chosen keys (replay) -------------------------------------------------------------------
 
 

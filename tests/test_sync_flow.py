@@ -319,3 +319,45 @@ def test_a_changed_mapping_is_noticed_and_only_affected_parts_are_resent(sandbox
     assert sandbox.calls() - before == 6
     assert sandbox.customers()["C00001"]["location"] == "Ada"
     assert h2.planner.mapping_changes() == []
+
+
+def test_a_row_updated_during_a_full_sync_is_sent_by_the_next_incremental(harness: Harness) -> None:
+    # While the full sync reads page 2 onwards, C00001 (page 1, already read) and C00020 (a page
+    # not read yet) change in the CRM. The run reads C00020 as changed; the next incremental
+    # must still find C00001, although a row the run read (C00020) is newer than it.
+    engine = crm_engine(harness)
+    edits: list[str] = []
+
+    def edit_once(_counts: Any) -> None:
+        if not edits:
+            touch(engine, ["C00001"], LATER, city="Osaka")
+            touch(engine, ["C00020"], LATER + dt.timedelta(hours=1), city="Lima")
+            edits.append("done")
+
+    harness.plan(progress=edit_once)
+    harness.drain()
+    assert harness.rt.store.customer("C00020")["status"] == "synced"
+
+    result = harness.sync("incremental")
+
+    assert result["counts"]["enqueued"] == 1 and result["counts"]["changed"] == 1
+    assert [p["key"] for p in result["preview"]] == ["C00001"]
+
+
+def test_a_row_updated_during_an_incremental_sync_is_read_again_at_its_new_place(harness: Harness) -> None:
+    harness.sync()
+    engine = crm_engine(harness)
+    touch(engine, [f"C{i:05d}" for i in range(10)], LATER, city="Osaka")
+    edits: list[str] = []
+
+    def edit_once(_counts: Any) -> None:
+        if not edits:  # C00000 was on the first page: its new version sorts after every other row
+            touch(engine, ["C00000"], LATER + dt.timedelta(minutes=1), city="Lima")
+            edits.append("done")
+
+    result = harness.sync("incremental", progress=edit_once)
+
+    assert result["counts"]["enqueued"] == 11  # the ten, and C00000 once more as it is now
+    state = harness.rt.store.customer("C00000")
+    assert state is not None and state["status"] == "synced"
+    assert state["source_version"] == (LATER + dt.timedelta(minutes=1)).isoformat(timespec="microseconds")

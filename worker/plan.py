@@ -20,7 +20,7 @@ from .errors import InvalidRecord
 from .queues import Queue, queue_for
 from .runtime import Runtime
 from .source.mapping import Mapping
-from .source.reader import InvalidRow, Page, SourceReader
+from .source.reader import InvalidRow, Page, SourceReader, earlier_of
 from .state.models import utcnow
 from .sync import message
 from .tickets import plan_tickets
@@ -113,6 +113,10 @@ class Planner:
             since = None
         registry = store.field_ids()
         newest: dt.datetime | None = None
+        full_read = since is None and result.run_id is not None and not into_run and not keys
+        # A full read goes in key order: a row changed while it runs may be on a page already read.
+        # The watermark stops at the newest row that existed when it began (the signpost).
+        signpost = self.reader.max_updated() if full_read else None
         try:
             for page in self.reader.pages(since=since, keys=keys):
                 self._plan_page(page, result, registry, force=force, dry_run=dry_run)
@@ -126,10 +130,10 @@ class Planner:
             raise
         if self.mapping.tickets and result.run_id and not into_run and kind != "replay" and self.enqueue_tickets:
             result.counts.update(plan_tickets(self.rt, self.reader, self.mapping.tickets, self.enqueue_tickets))
-        if since is None and result.run_id and not into_run and not keys:
+        if full_read:
             # Every contact was read: the watermark may move, and this mapping is now the baseline.
-            if newest is not None:
-                store.advance_cursor(newest)
+            if newest is not None and signpost is not None:
+                store.advance_cursor(earlier_of(newest, signpost))
             store.record_mapping(self.mapping.part_fingerprints())
         if result.run_id and not into_run:
             c = result.counts

@@ -88,6 +88,22 @@ class SourceReader:
 
     # -- reading -------------------------------------------------------------------------------
 
+    def max_updated(self) -> Any:
+        """The largest updated_at in the source now (None without one): a full read's signpost.
+
+        A full read goes in key order, so a row changed while it runs may sit on a page already
+        read; its watermark must stop at what existed when it started.
+        """
+        src = self.mapping.source
+        if not src.updated_at:
+            return None
+        table = self._contacts_table()
+        with self._connect() as conn:
+            try:
+                return conn.execute(sa.select(sa.func.max(table.c[src.updated_at]))).scalar()
+            except sa.exc.SQLAlchemyError as exc:
+                raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
+
     def pages(self, since: Any = None, keys: Sequence[Any] | None = None) -> Iterator[Page]:
         """Every contact, page by page.
 
@@ -252,6 +268,15 @@ class SourceReader:
             return self.engine.connect()
         except sa.exc.SQLAlchemyError as exc:
             raise SourceError(f"cannot connect to the source database: {_reason(exc)}") from None
+
+
+def earlier_of(a: Any, b: Any) -> Any:
+    """The earlier of two updated_at values (naive beside aware compared as UTC); a non-datetime loses."""
+    if not isinstance(b, dt.datetime):
+        return a
+    if not isinstance(a, dt.datetime):
+        return b
+    return b if _later(a, b) else a
 
 
 def _later(a: dt.datetime, b: dt.datetime) -> bool:
