@@ -55,11 +55,13 @@ def _server(config: SandboxConfig, host: str, port: int) -> _SandboxServer:
         host=host,
         port=port,
         log_level="warning",
+        # uvicorn's lines go to the root logger: through worker.logs, like every crmsync line.
+        log_config=None,
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=5,
     )
-    # After uvicorn.Config: it configures logging when built, and must not wipe the filter.
+    # After uvicorn.Config: it sets its loggers' levels when built, and must not wipe the filter.
     error_log = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _QuietDrops) for f in error_log.filters):
         error_log.addFilter(_QuietDrops())
