@@ -431,6 +431,38 @@ def run_naive(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namespac
     return result
 
 
+def connection_costs(calls: int, repeats: int) -> str:
+    """Milliseconds per sequential create-customer call: a new connection each, or one kept alive.
+
+    Against a fresh sandbox with no rate limit and no latency, so that only the client's own
+    cost per call shows (what a worker thread spends between two of its requests).
+    """
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    args = ["--subcompany-id", SUBCOMPANY, "--token", TOKEN, "--rate-limit", "0"]
+    per_call: dict[str, list[float]] = {"new connection per call (httpx.put)": [], "one keep-alive client": []}
+    with sandbox_process(*args, env=base_env()) as base:
+        for rep in range(repeats):
+            for label in per_call:
+                urls = [
+                    base + _wire.path("upsert_customer", SUBCOMPANY, provided_unique_id=f"k{rep}-{i}")
+                    for i in range(calls)
+                ]
+                body = {"name": "Ada"}
+                started = time.perf_counter()
+                if label.startswith("new"):
+                    for url in urls:
+                        httpx.put(url, json=body, headers=headers, trust_env=False).raise_for_status()
+                else:
+                    with httpx.Client(headers=headers, trust_env=False) as client:
+                        for url in urls:
+                            client.put(url, json=body).raise_for_status()
+                per_call[label].append(1000 * (time.perf_counter() - started) / calls)
+    lines = ["| client | ms per call (median) | min–max |", "|---|---:|---:|"]
+    for label, values in per_call.items():
+        lines.append(f"| {label} | {statistics.median(values):.2f} | {min(values):.2f}–{max(values):.2f} |")
+    return "\n".join(lines)
+
+
 # -- the benchmark -----------------------------------------------------------------------------
 
 
@@ -474,6 +506,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--latencies", default="0,100", help="sandbox latencies, ms (default 0,100; jitter 10 when > 0)")
     ap.add_argument("--workers", default="1,2,4", help="crmsync worker process counts (default 1,2,4)")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive-loop baseline")
+    ap.add_argument(
+        "--connections",
+        action="store_true",
+        help="only measure the cost of a call with a new connection each vs one kept alive (sequential, no limit)",
+    )
     ap.add_argument("--concurrency", type=int, help="CRMSYNC_WORKER_CONCURRENCY (default: crmsync's, 16)")
     ap.add_argument("--state", choices=["sqlite", "postgres"], default="sqlite", help="state DB (default sqlite)")
     ap.add_argument("--pg-admin", default=DEFAULT_PG_ADMIN, help="PostgreSQL admin URL for --state postgres")
@@ -501,6 +538,16 @@ def reproduce(args: argparse.Namespace) -> str:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.connections:
+        print(shlex.join(["python", "bench/ratelimit.py", "--connections", "--repeats", str(args.repeats)]))
+        print()
+        print(
+            f"{dt.date.today().isoformat()}, {os.cpu_count()} CPUs, 300 sequential calls per run, "
+            f"median of {args.repeats}"
+        )
+        print()
+        print(connection_costs(300, args.repeats))
+        return 0
     limits = [float(x) for x in args.limits.split(",")]
     latencies = [float(x) for x in args.latencies.split(",")]
     counts = [int(x) for x in args.workers.split(",")]
