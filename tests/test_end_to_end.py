@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import SUBCOMPANY, TOKEN, Sandbox, make_database
-from tests.crm import BASE_TIME, MAPPING, add_tag, contact_row, contacts, make_crm, write_mapping
+from tests.crm import BASE_TIME, MAPPING, add_tag, contact_row, contacts, make_crm, touch, write_mapping
 from tests.test_metrics import free_port, scrape
 from worker.proto._wire import ROUTES
 
@@ -159,6 +159,31 @@ def test_dry_run_prints_counts_and_calls_nothing(crm_env: dict[str, str], sandbo
     assert done.returncode == 0
     assert "read 12, new 12" in done.stdout
     assert sandbox.calls() == 0
+
+
+def test_dry_run_json_prints_only_the_counts_and_changes_nothing(
+    crm_env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    engine = make_crm(crm, 12)
+    crm_env.update(CRMSYNC_SOURCE_URL=crm, CRMSYNC_MAPPING=str(write_mapping(tmp_path)))
+    crmsync(crm_env, "init")
+    assert sync_json(crm_env, "full")["counts"]["synced"] == 12
+    calls = sandbox.calls()
+    touch(engine, ["C00003"], dt.datetime(2026, 6, 1), city="Osaka")
+
+    done = crmsync(crm_env, "sync", "full", "--dry-run", "--json")
+
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)  # one JSON object and nothing else
+    assert plan["run_id"] is None and plan["kind"] == "full"
+    counts = plan["counts"]
+    assert (counts["read"], counts["changed"], counts["unchanged"], counts["new"]) == (12, 1, 11, 0)
+    assert (counts["enqueued"], counts["part_profile"], counts["part_tags"]) == (0, 1, 0)
+    assert plan["preview"] == [{"key": "C00003", "parts": ["profile"], "new": False}]
+    assert sandbox.calls() == calls
+    status = json.loads(crmsync(crm_env, "status", "--json").stdout)
+    assert len(status["runs"]) == 1  # the dry run opened no run
 
 
 def test_a_malformed_setting_stops_with_one_line_naming_it(crm_env: dict[str, str]) -> None:
