@@ -33,7 +33,7 @@ from tests.chaos.harness import Cluster, Figures  # noqa: E402
 
 # Full-size parameters of each scenario; the tests use smaller ones (tests/chaos/test_chaos.py).
 SCENARIOS: dict[str, Callable[[Cluster], Figures]] = {
-    "kill": lambda c: harness.scenario_kill(c, kills=5, every=4.0, timeout=900),
+    "kill": lambda c: harness.scenario_kill(c, kills=5, timeout=900),
     "flushdb": lambda c: harness.scenario_flushdb(c, at=0.4, timeout=900),
     "outage": lambda c: harness.scenario_outage(c, at=0.3, outage=20.0, timeout=900),
     "noisy": lambda c: harness.scenario_noisy(c, timeout=1800),

@@ -27,6 +27,14 @@ custom_fields:
   - {name: plan, column: plan, type: select, options: [free, pro, enterprise]}
   - {name: vip, column: is_vip, type: toggle}
 """
+# The optional `tickets:` section over a `cases (case_id, title, contact_id)` table of the CRM.
+TICKETS_MAPPING = """\
+tickets:
+  query: SELECT case_id, title, contact_id FROM cases
+  key: case_id
+  subject: title
+  customer: contact_id
+"""
 
 BASE_TIME = dt.datetime(2026, 1, 1)
 md = sa.MetaData()

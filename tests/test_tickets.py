@@ -10,21 +10,13 @@ import httpx
 import sqlalchemy as sa
 
 from tests.conftest import SUBCOMPANY, TOKEN, Sandbox
-from tests.crm import MAPPING, make_crm, write_mapping
+from tests.crm import MAPPING, TICKETS_MAPPING, make_crm, write_mapping
 from tests.test_sync_flow import Harness
 from worker.jobs import reconcile
 from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.state.db import migrate
 from worker.tickets import resend_ready_tickets, send_ticket
-
-TICKETS = """\
-tickets:
-  query: SELECT case_id, title, contact_id FROM cases
-  key: case_id
-  subject: title
-  customer: contact_id
-"""
 
 
 class TicketHarness(Harness):
@@ -46,7 +38,7 @@ def harness(sandbox: Sandbox, tmp_path: Path, cases: list[tuple[str, str, str]])
     settings = Settings(
         source_url=crm,
         state_url=state,
-        mapping=write_mapping(tmp_path, MAPPING + TICKETS),
+        mapping=write_mapping(tmp_path, MAPPING + TICKETS_MAPPING),
         proto_base_url=sandbox.base_url,
         proto_subcompany_id=SUBCOMPANY,
         proto_token=TOKEN,

@@ -37,7 +37,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def test_sigkilled_workers_lose_and_duplicate_nothing(cluster: Cluster) -> None:
-    held(harness.scenario_kill(cluster, kills=5, every=1.0))
+    held(harness.scenario_kill(cluster, kills=5))
 
 
 def test_the_reconciler_resends_tasks_lost_when_redis_is_flushed(cluster: Cluster) -> None:
