@@ -88,6 +88,13 @@ def test_429s_are_not_endless() -> None:
     assert sleeps == [1.0, 1.0, 1.0]
 
 
+def test_429_waits_are_bounded_in_time_by_the_time_on_hold() -> None:
+    script, sleeps, raised = run_failing(RetryPolicy(max_held=2.5), [limited(1.0)] * 10)
+    assert isinstance(raised, RateLimited)
+    assert sleeps == [1.0, 1.0]  # a third second of waiting would pass 2.5 s on hold
+    assert script.tries == 3
+
+
 def test_a_429_waits_exactly_its_retry_after() -> None:
     policy = RetryPolicy(initial_backoff=100.0, max_backoff=1000.0)
     _, sleeps = run(policy, [limited(2.5), limited(0.0), limited(7.0), "ok"])

@@ -15,7 +15,9 @@ import sqlalchemy as sa
 
 from tests.conftest import SUBCOMPANY, TOKEN, Sandbox
 from tests.crm import MAPPING, add_tag, contact_row, contacts, make_crm, touch, write_mapping
+from worker.errors import RateLimited
 from worker.jobs import planner
+from worker.proto import RetryPolicy
 from worker.queues import Queue
 from worker.runtime import Runtime
 from worker.settings import Settings
@@ -124,6 +126,23 @@ def test_running_the_same_task_twice_sends_nothing_the_second_time(harness: Harn
     before = sandbox.calls()
     assert all(sync_contact(harness.rt, m) is Outcome.SYNCED for _, m in messages)
     assert sandbox.calls() == before
+
+
+def test_a_contact_throttled_past_its_time_on_hold_is_deferred_not_dead_lettered(
+    harness: Harness, sandbox: Sandbox
+) -> None:
+    rt = harness.rt
+    rt.retry_policy = lambda: RetryPolicy(max_attempts=1, max_held=2.0)  # type: ignore[method-assign]
+    harness.plan()
+    msg = next(m for _, m in harness.queued if m["contact"]["key"] == "C00004")
+    sandbox.faults(throttle_rate=1.0)  # every request 429, Retry-After 1
+    with pytest.raises(RateLimited):
+        sync_contact(rt, msg)
+    assert rt.store.dead_letters() == []
+    assert rt.store.customer("C00004")["status"] == "queued"  # the task comes back later
+    sandbox.faults(throttle_rate=0.0)
+    assert sync_contact(rt, msg) is Outcome.SYNCED
+    assert "C00004" in sandbox.customers()
 
 
 def test_older_version_never_overwrites_newer(harness: Harness, sandbox: Sandbox) -> None:

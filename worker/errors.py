@@ -73,9 +73,13 @@ class RetryableError(ProtoError):
 
 
 class RateLimited(RetryableError):
-    """The API answered 429; `retry_after` is how long it asked us to wait, in seconds."""
+    """The API answered 429; `retry_after` is how long it asked us to wait, in seconds.
+
+    A 429 is an answer that the request was not processed: it is never in Proto (`not_sent`).
+    """
 
     def __init__(self, message: str, *, retry_after: float, **kwargs: Any) -> None:
+        kwargs.setdefault("not_sent", True)
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
 

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from .contact import PARTS, Contact, payload_hash
-from .errors import CircuitOpen, PermanentError, ProtoError
+from .errors import CircuitOpen, PermanentError, ProtoError, RateLimited
 from .metrics import counts_outcome
 from .runtime import Runtime
 
@@ -77,8 +77,9 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
             if contact.hashes[part] != sent[part]:
                 _send(rt, contact, part)
                 sent[part] = contact.hashes[part]
-    except CircuitOpen:
-        # Held by the breaker: keep what was sent; the task defers itself and comes back.
+    except (CircuitOpen, RateLimited):
+        # Held by the breaker, or throttled past the call's time on hold: keep what was sent;
+        # the task defers itself and comes back. Never a dead letter: the API said "later".
         rt.store.record_outcome(contact.key, run_id, "queued", sent, None)
         raise
     except ProtoError as exc:

@@ -12,7 +12,7 @@ from celery import Task
 from celery.signals import task_prerun
 
 from .celery_app import app
-from .errors import CircuitOpen
+from .errors import CircuitOpen, RateLimited
 from .logs import bind_context, clear_context
 from .runtime import runtime
 from .sync import sync_contact
@@ -32,12 +32,13 @@ def _bind_task(task_id: str | None = None, task: Task | None = None, **_: Any) -
 def sync_customer(self: Task, msg: dict[str, Any]) -> str:
     """Sync one customer from the payload it was planned with.
 
-    While the circuit breaker holds the API, the task defers itself: delayed, never failed.
+    While the circuit breaker holds the API, or the API keeps answering 429 past a call's time
+    on hold, the task defers itself: delayed, never failed.
     """
     bind_context(run_id=msg.get("run_id"), key=msg.get("contact", {}).get("key"))
     try:
         return sync_contact(runtime(), msg).value
-    except CircuitOpen as exc:
+    except (CircuitOpen, RateLimited) as exc:
         raise self.retry(countdown=DEFER_SECONDS, exc=exc) from None
 
 

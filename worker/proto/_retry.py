@@ -1,7 +1,9 @@
 """The retry policy of API calls, as data: what is retried, how long to wait, when to stop.
 
 A 429 waits exactly its Retry-After and does not spend the error budget; other retryable
-errors back off exponentially with jitter, up to `max_attempts` tries in all. Each retry is
+errors back off exponentially with jitter, up to `max_attempts` tries in all. Waits the API
+asks for (429s, an open breaker) are bounded in time, so a task always fits its time limit:
+past `max_held`, the call gives up with the 429 or CircuitOpen and its task defers itself. Each retry is
 counted in `worker.metrics` by its reason.
 """
 
@@ -26,8 +28,8 @@ class RetryPolicy:
     max_backoff: float = 30.0
     # 429s are free, but not endless: an API that never lets us through is an outage.
     max_rate_limited: int = 50
-    # Seconds one call may be held by an open circuit breaker before it gives up (the
-    # task then defers itself: held work is delayed, never failed).
+    # Seconds one call may be held by 429s and an open circuit breaker before it gives up
+    # (the task then defers itself: held work is delayed, never failed).
     max_held: float = 20.0
 
     def longest_delay(self) -> float:
@@ -69,10 +71,12 @@ class RetryPolicy:
             limited = isinstance(exc, RateLimited)
             if not (retry_ticket or limited or exc.not_sent):
                 return False
-            if isinstance(exc, CircuitOpen):
-                tally["held"] += exc.retry_after
-            else:
-                tally["limited" if limited else "errors"] += 1
+            if isinstance(exc, RateLimited | CircuitOpen):
+                tally["held"] += exc.retry_after  # a wait the API or the breaker asked for
+            if limited:
+                tally["limited"] += 1
+            elif not isinstance(exc, CircuitOpen):
+                tally["errors"] += 1
             return True
 
         def before_sleep(state: RetryCallState) -> None:
