@@ -155,6 +155,17 @@ def test_older_version_never_overwrites_newer(harness: Harness, sandbox: Sandbox
     assert sandbox.customers()["C00001"]["name"] == "Ada Newer"
 
 
+def test_a_change_whose_updated_at_went_backwards_is_still_synced(harness: Harness, sandbox: Sandbox) -> None:
+    harness.sync()
+    touch(crm_engine(harness), ["C00003"], LATER, city="Osaka")
+    harness.sync("incremental")
+    # The CRM sets an earlier updated_at with new content (a restored backup, a clock put back).
+    touch(crm_engine(harness), ["C00003"], LATER - dt.timedelta(hours=1), city="Nairobi")
+    harness.sync()
+    assert sandbox.customers()["C00003"]["location"] == "Nairobi"
+    assert harness.rt.store.customer("C00003")["status"] == "synced"
+
+
 def test_incremental_reads_only_from_the_watermark_minus_lookback(harness: Harness) -> None:
     harness.sync()
     touch(crm_engine(harness), ["C00002"], LATER, city="Osaka")

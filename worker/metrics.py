@@ -112,7 +112,7 @@ API_RETRIES = Counter(
 
 CUSTOMERS = Counter(
     "crmsync_customers",
-    "Sync tasks by outcome: synced, skipped (a newer version was already synced), dead (dead-lettered).",
+    "Sync tasks by outcome: synced, skipped (a later plan read a newer version), dead (dead-lettered).",
     ["outcome"],
 )
 """Customers synced, skipped or dead-lettered by sync tasks."""

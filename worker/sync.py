@@ -15,6 +15,7 @@ from .contact import PARTS, Contact, payload_hash
 from .errors import CircuitOpen, PermanentError, ProtoError, RateLimited
 from .metrics import counts_outcome
 from .runtime import Runtime
+from .state.store import PartHashes
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,8 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
     contact = Contact.from_payload(msg["contact"])
     run_id = msg.get("run_id")
     state = rt.store.lookup([contact.key]).get(contact.key)
-    if state and _older(contact.version, state.source_version):
-        # A newer version was synced after this task was planned: keep it.
-        rt.store.record_outcome(contact.key, run_id, "synced", _hashes(state), state.source_version)
+    if state and _superseded(contact.version, state):
+        # A later plan read a newer row: its own task syncs it (and owns the state row).
         return Outcome.SKIPPED
     sent: dict[str, str | None] = {p: state.get(p) if state and not msg.get("force") else None for p in PARTS}
     try:
@@ -153,10 +153,13 @@ def _error_class(exc: Exception) -> str:
     return f"{type(exc).__name__}" + (f".{status}" if status else "")
 
 
-def _hashes(state: Any) -> dict[str, str | None]:
-    return {p: state.get(p) for p in PARTS}
+def _superseded(version: str | None, state: PartHashes) -> bool:
+    """Whether a later plan of this customer exists, so that this task must not send.
 
-
-def _older(version: str | None, synced: str | None) -> bool:
-    """True when `version` is known to be older than the one already synced."""
-    return version is not None and synced is not None and version < synced
+    The task of the latest plan always sends, even when the CRM's updated_at went backwards:
+    the latest read is the row as it stands. An earlier plan's task is superseded when its
+    version is older than the one planned or synced since.
+    """
+    if version is None or version == state.planned_version:
+        return False
+    return any(other is not None and version < other for other in (state.planned_version, state.source_version))

@@ -53,6 +53,7 @@ class PartHashes:
     source_version: str | None
     status: str
     failed_hash: str | None
+    planned_version: str | None = None  # the version the latest plan of this customer read
 
     def get(self, part: str) -> str | None:
         """The synced hash of `part` (profile, tags or fields)."""
@@ -119,6 +120,7 @@ class StateStore:
             STATE.c.source_version,
             STATE.c.status,
             STATE.c.failed_hash,
+            STATE.c.planned_version,
         ]
         with self.engine.connect() as conn:
             for i in range(0, len(keys), 1000):
