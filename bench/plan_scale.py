@@ -402,7 +402,7 @@ def settle(dbs: Databases, source_url: str, state_url: str, mapping_path: Path, 
     """Record the contacts (all, or `keys`) as synced with their current hashes, in bulk.
 
     The bulk equivalent of each worker's `StateStore.record_outcome(key, run, "synced", hashes,
-    version)`: one upsert per page. The hashes come from the same reader and contact code the
+    version, fingerprint=...)`: one upsert per page. The hashes come from the same reader and contact code the
     planner used, so they are the planned ones. Then the runs with nothing queued are closed,
     as `sync --wait` would.
     """
@@ -418,14 +418,24 @@ def settle(dbs: Databases, source_url: str, state_url: str, mapping_path: Path, 
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
     stmt = insert(STATE)
-    updated = ["profile_hash", "tags_hash", "fields_hash", "source_version", "status", "synced_at", "updated_at"]
+    updated = [
+        "profile_hash",
+        "tags_hash",
+        "fields_hash",
+        "source_version",
+        "source_fingerprint",
+        "status",
+        "synced_at",
+        "updated_at",
+    ]
     stmt = stmt.on_conflict_do_update(
         index_elements=["provided_unique_id"],
         set_={c: stmt.excluded[c] for c in updated}
         | {"attempts": STATE.c.attempts + 1, "last_error": None, "failed_hash": None},
     )
     done = 0
-    for page in reader.pages(keys=keys):
+    for raw in reader.raw_pages(keys=keys):
+        page = reader.build_page(raw, verdict=lambda _key, _fingerprint: None)  # every row, fingerprinted
         now = utcnow()
         rows = [
             {
@@ -434,6 +444,7 @@ def settle(dbs: Databases, source_url: str, state_url: str, mapping_path: Path, 
                 "tags_hash": c.hashes["tags"],
                 "fields_hash": c.hashes["fields"],
                 "source_version": c.version,
+                "source_fingerprint": page.fingerprints[c.key],
                 "status": "synced",
                 "attempts": 1,
                 "synced_at": now,

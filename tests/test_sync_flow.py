@@ -100,6 +100,60 @@ def test_unchanged_rerun_makes_no_calls(harness: Harness, sandbox: Sandbox) -> N
     assert sandbox.calls() == before
 
 
+@pytest.fixture
+def builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys of the contacts the planner canonicalises, as it builds them."""
+    import worker.source.reader as reader
+
+    built: list[str] = []
+
+    def counted(mapping: Any, row: Any, **kw: Any) -> Any:
+        built.append(row["id"])
+        return real(mapping, row, **kw)
+
+    real = reader.build_contact
+    monkeypatch.setattr(reader, "build_contact", counted)
+    return built
+
+
+def test_an_unchanged_rerun_builds_no_contact(harness: Harness, sandbox: Sandbox, builds: list[str]) -> None:
+    harness.sync()
+    assert len(builds) == 30
+    fingerprints = {harness.rt.store.customer(f"C{i:05d}")["source_fingerprint"] for i in range(30)}  # type: ignore[index]
+    assert len(fingerprints) == 30 and None not in fingerprints
+    builds.clear()
+    result = harness.sync()
+    assert result["counts"]["unchanged"] == 30 and builds == []
+
+
+def test_a_tag_added_without_touching_updated_at_is_found_by_the_full_sync(
+    harness: Harness, sandbox: Sandbox, builds: list[str]
+) -> None:
+    harness.sync()
+    with crm_engine(harness).begin() as conn:  # a side table edited alone: the row's fingerprint moves
+        conn.execute(sa.text("INSERT INTO contact_tags (contact_id, tag_name) VALUES ('C00007', 'late')"))
+    builds.clear()
+    before = sandbox.calls()
+    result = harness.sync()
+    assert builds == ["C00007"] and result["counts"]["part_tags"] == 1 and result["counts"]["unchanged"] == 29
+    assert sandbox.calls() - before == 1 and "late" in sandbox.customers()["C00007"]["tags"]
+
+
+def test_a_row_changed_back_and_forth_is_compared_on_its_parts(
+    harness: Harness, sandbox: Sandbox, builds: list[str]
+) -> None:
+    # A changed row is built and diffed part by part: an edit that leaves the contact as it
+    # was (a column outside the mapping, here the updated_at) costs a build, not a call.
+    harness.sync()
+    touch(crm_engine(harness), ["C00002"], LATER)
+    builds.clear()
+    before = sandbox.calls()
+    result = harness.sync()
+    assert builds == ["C00002"] and result["counts"]["unchanged"] == 30 and sandbox.calls() == before
+    builds.clear()
+    assert harness.sync()["counts"]["unchanged"] == 30 and builds == []  # the new fingerprint was recorded
+
+
 def test_profile_only_change_costs_one_call(harness: Harness, sandbox: Sandbox) -> None:
     harness.sync()
     touch(crm_engine(harness), ["C00003", "C00004"], LATER, last_name="Renamed")
@@ -182,11 +236,12 @@ def test_dry_run_calls_nothing_and_changes_no_state(harness: Harness, sandbox: S
     assert harness.rt.store.status_counts() == {} and harness.rt.store.runs() == []
 
 
-def test_force_resends_every_part(harness: Harness, sandbox: Sandbox) -> None:
+def test_force_resends_every_part(harness: Harness, sandbox: Sandbox, builds: list[str]) -> None:
     harness.sync()
     before = sandbox.calls()
+    builds.clear()
     result = harness.sync(force=True)
-    assert result["counts"]["enqueued"] == 30
+    assert result["counts"]["enqueued"] == 30 and len(builds) == 30  # no row taken as unchanged
     assert sandbox.calls() - before == 30 + 20 + 30
 
 

@@ -13,21 +13,41 @@ import json
 from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRecord
-from .proto._wire import MAX_UNIQUE_ID_LENGTH, profile_problem, tag_problem
+from .proto._wire import (
+    CONTROL_CHARACTERS,
+    MAX_TAG_LENGTH,
+    MAX_UNIQUE_ID_LENGTH,
+    PROFILE_MAX_LENGTH,
+    VALUE_PATTERNS,
+    profile_problem,
+    tag_problem,
+)
 
 if TYPE_CHECKING:  # workers load contacts from payloads and never need the mapping's machinery
     from .source.mapping import Mapping
 
 PARTS = ("profile", "tags", "fields")
+# The version of the canonical form that build_contact gives. Raise it with any change to what
+# build_contact returns for a row: the planner's row fingerprints carry it, so that no row is
+# taken as unchanged on the strength of a contact built the old way.
+CANONICAL_FORM = 1
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
-# What json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False) uses,
-# built once: the planner hashes three parts of every contact it reads.
+# What json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False) gives,
+# built once: the planner hashes three parts of every contact it reads. The C encoder, called
+# directly, skips the per-call set-up of JSONEncoder.encode (a third of a hash's cost); the
+# payloads hold no cycles, so it needs no cycle check.
 _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_C_ENCODER = (
+    c_make_encoder(None, None, encode_basestring, None, ":", ",", True, False, True)
+    if c_make_encoder is not None
+    else None
+)
 
 
 @dataclass(frozen=True)
@@ -82,7 +102,7 @@ def payload_hash(contact: Contact) -> str:
 
 def content_hash(value: Any) -> str:
     """A stable hash of JSON-able data."""
-    blob = _CANONICAL_JSON.encode(value)
+    blob = "".join(_C_ENCODER(value, 0)) if _C_ENCODER is not None else _CANONICAL_JSON.encode(value)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -106,11 +126,16 @@ def version_text(value: Any) -> str | None:
     return str(value)
 
 
+def key_text(raw: Any) -> str:
+    """The text of a (non-NULL) key value, as the contact built from its row is keyed."""
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
 def unique_id(raw: Any) -> str:
     """The provided_unique_id of a key value, or InvalidRecord when it cannot be sent."""
     if raw is None:
         raise InvalidRecord("missing_key", "the key column is NULL", "source.key")
-    key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    key = key_text(raw)
     if not key.strip():
         raise InvalidRecord("missing_key", "the key column is empty", "source.key")
     if len(key) > MAX_UNIQUE_ID_LENGTH:
@@ -121,8 +146,8 @@ def unique_id(raw: Any) -> str:
 
 
 def _text(value: Any) -> str | None:
-    if value is None:
-        return None
+    if value is None or type(value) is str:
+        return value
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, Decimal) and value.is_finite():
@@ -130,6 +155,12 @@ def _text(value: Any) -> str | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value)
+
+
+def is_deleted(mapping: Mapping, row: AbcMapping[str, Any]) -> bool:
+    """Whether the row is soft-deleted by the mapping's `deleted` column."""
+    column = _recipe(mapping).deleted
+    return _flag(row.get(column)) if column else False
 
 
 def _flag(value: Any) -> bool:
@@ -188,6 +219,46 @@ def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, valu
     return as_text
 
 
+@dataclass(frozen=True)
+class _Recipe:
+    """What build_contact needs of a mapping, worked out once: it runs for every row read."""
+
+    key: str
+    updated_at: str | None
+    deleted: str | None
+    profile: tuple[tuple[str, str | tuple[str, ...]], ...]
+    tag_column: str | None
+    tag_separator: str
+    column_fields: tuple[tuple[str, str, str, tuple[str, ...] | None], ...]  # name, column, type, options
+
+    @classmethod
+    def of(cls, mapping: Mapping) -> _Recipe:
+        src = mapping.source
+        return cls(
+            key=src.key,
+            updated_at=src.updated_at,
+            deleted=src.deleted,
+            profile=tuple((n, c if isinstance(c, str) else tuple(c)) for n, c in mapping.customer.items()),
+            tag_column=mapping.tags.column if mapping.tags else None,
+            tag_separator=mapping.tags.separator if mapping.tags else ",",
+            column_fields=tuple(
+                (f.name, f.column, f.type, tuple(f.options) if f.options is not None else None)
+                for f in mapping.column_fields
+                if f.name and f.column
+            ),
+        )
+
+
+_RECIPES: dict[int, tuple[Mapping, _Recipe]] = {}
+
+
+def _recipe(mapping: Mapping) -> _Recipe:
+    cached = _RECIPES.get(id(mapping))
+    if cached is None or cached[0] is not mapping:
+        cached = _RECIPES[id(mapping)] = (mapping, _Recipe.of(mapping))
+    return cached[1]
+
+
 def build_contact(
     mapping: Mapping,
     row: AbcMapping[str, Any],
@@ -198,38 +269,61 @@ def build_contact(
 
     Raises InvalidRecord for a row that cannot be sent; the caller records it.
     """
-    src = mapping.source
-    key = unique_id(row.get(src.key))
+    recipe = _recipe(mapping)
+    key = unique_id(row.get(recipe.key))
     profile: dict[str, Any] = {}
-    for name, cols in mapping.customer.items():
-        if isinstance(cols, str):
+    for name, cols in recipe.profile:
+        if type(cols) is str:
             value = _text(row.get(cols))
             profile[name] = value if value and value.strip() else None  # an empty cell is no value
         else:
             words = [t.strip() for t in (_text(row.get(c)) for c in cols) if t and t.strip()]
             profile[name] = " ".join(words) or None
-        problem = profile[name] is not None and profile_problem(name, profile[name])
-        if problem:
-            raise InvalidRecord(f"invalid_{name}", problem, f"customer.{name}")
-    if mapping.tags and mapping.tags.column:
-        raw = _text(row.get(mapping.tags.column)) or ""
-        tags = [t.strip() for t in raw.split(mapping.tags.separator)]
-    tag_list = sorted({t for t in ((_text(t) or "").strip() for t in tags or []) if t})
-    for tag in tag_list:
-        if problem := tag_problem(tag):
-            raise InvalidRecord("invalid_tag", problem, "tags")
-    values: dict[str, Any] = {}
-    for spec in mapping.column_fields:
-        assert spec.name and spec.column
-        values[spec.name] = field_value(spec.type, spec.options, spec.name, row.get(spec.column))
-    for name, value in extra_fields or []:
-        values[name] = field_value(mapping.query_field_type(name), None, name, value)
-    fields = {k: v for k, v in values.items() if v is not None}
-    deleted = _flag(row.get(src.deleted)) if src.deleted else False
+    _check_profile(profile)
+    if recipe.tag_column:
+        raw = _text(row.get(recipe.tag_column)) or ""
+        tags = [t.strip() for t in raw.split(recipe.tag_separator)]
+    tag_list = sorted({t for t in ((_text(t) or "").strip() for t in tags or ()) if t})
+    if tag_list and (max(map(len, tag_list)) > MAX_TAG_LENGTH or CONTROL_CHARACTERS.search("".join(tag_list))):
+        for tag in tag_list:
+            if problem := tag_problem(tag):
+                raise InvalidRecord("invalid_tag", problem, "tags")
+    fields: dict[str, Any] = {}
+    for name, column, type_, options in recipe.column_fields:
+        value = field_value(type_, options, name, row.get(column))
+        if value is not None:
+            fields[name] = value
+    for name, raw_value in extra_fields or ():
+        value = field_value(mapping.query_field_type(name), None, name, raw_value)
+        if value is not None:
+            fields[name] = value
+        else:
+            fields.pop(name, None)  # a later NULL clears an earlier value of the same name
+    deleted = is_deleted(mapping, row)
     hashes = {
         "profile": content_hash(profile),
         "tags": content_hash(tag_list),
         "fields": content_hash(fields),
     }
-    version = version_text(row.get(src.updated_at)) if src.updated_at else None
+    version = version_text(row.get(recipe.updated_at)) if recipe.updated_at else None
     return Contact(key, version, deleted, profile, tag_list, fields, hashes)
+
+
+def _check_profile(profile: dict[str, Any]) -> None:
+    """InvalidRecord for the first profile value Proto would refuse (see profile_problem).
+
+    Checks every value in one pass first, since almost all are fine; only a row that fails
+    it is checked field by field, for the error that names the field.
+    """
+    texts = [v for v in profile.values() if v is not None]
+    fine = not CONTROL_CHARACTERS.search("".join(texts)) and all(
+        len(value) <= PROFILE_MAX_LENGTH.get(name, 255)
+        and (name not in VALUE_PATTERNS or VALUE_PATTERNS[name].fullmatch(value))
+        for name, value in profile.items()
+        if value is not None
+    )
+    if fine:
+        return
+    for name, value in profile.items():
+        if value is not None and (problem := profile_problem(name, value)):
+            raise InvalidRecord(f"invalid_{name}", problem, f"customer.{name}")

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import multiprocessing
+import pickle
+import queue as queue_module
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .contact import PARTS, Contact, payload_hash, with_tag
-from .errors import InvalidRecord
+from .contact import PARTS, Contact, key_text, payload_hash, with_tag
+from .errors import InvalidRecord, SourceError
 from .queues import Queue, queue_for
 from .runtime import Runtime
+from .settings import Settings
 from .source.mapping import Mapping
-from .source.reader import InvalidRow, Page, SourceReader, earlier_of
+from .source.reader import InvalidRow, RawPage, SourceReader, Verdict, earlier_of, later_of
 from .state.models import utcnow
+from .state.store import PartHashes
 from .sync import message
 from .tickets import plan_tickets
 
@@ -35,6 +40,9 @@ PREVIEW = 10
 # being published. Each chunk of a page is twice the one before, so a full page of a full sync costs
 # a handful of state writes (50, 100, 200, 400, 250), not twenty.
 ENQUEUE_CHUNK = 50
+# A full read is planned in parallel key ranges when each range has at least this many rows:
+# below it, starting a process (about a second of imports) costs more than it saves.
+PARALLEL_MIN_ROWS = 20_000
 COUNTS = (
     "read",
     "new",
@@ -80,6 +88,7 @@ class Planner:
         self.reader = reader
         self.enqueue = enqueue
         self.enqueue_tickets = enqueue_tickets
+        self.queue: Queue | None = None  # set: every task goes there (a key range of a full run)
 
     def plan(
         self,
@@ -112,18 +121,17 @@ class Planner:
             result.counts["mapping_changed"] = 1
             since = None
         registry = store.field_ids()
-        newest: dt.datetime | None = None
         full_read = since is None and result.run_id is not None and not into_run and not keys
         # A full read goes in key order: a row changed while it runs may be on a page already read.
         # The watermark stops at the newest row that existed when it began (the signpost).
         signpost = self.reader.max_updated() if full_read else None
         try:
-            for page in self.reader.pages(since=since, keys=keys):
-                self._plan_page(page, result, registry, force=force, dry_run=dry_run)
-                if page.max_updated is not None and (newest is None or page.max_updated > newest):
-                    newest = page.max_updated
-                if progress:
-                    progress(result.counts)
+            splits = self._key_splits() if full_read else []
+            if splits:
+                newest = self._plan_in_parallel(splits, result, registry, force=force, progress=progress)
+            else:
+                pages = self.reader.raw_pages(since=since, keys=keys)
+                newest = self._plan_pages(pages, result, registry, force=force, dry_run=dry_run, progress=progress)
         except Exception as exc:
             if result.run_id:
                 store.fail_run(result.run_id, self.rt.redact(str(exc)))
@@ -152,6 +160,110 @@ class Planner:
                 store.finish_run(result.run_id)
         return result
 
+    def _plan_pages(
+        self,
+        pages: Iterable[RawPage],
+        result: PlanResult,
+        registry: dict[str, str],
+        *,
+        force: bool,
+        dry_run: bool,
+        progress: Progress | None,
+        between_pages: Callable[[], None] | None = None,
+    ) -> Any:
+        """Plan each page in turn; returns the newest updated_at read."""
+        newest = None
+        for page in pages:
+            self._plan_page(page, result, registry, force=force, dry_run=dry_run)
+            newest = later_of(newest, page.max_updated)
+            if between_pages:
+                between_pages()
+            if progress:
+                progress(result.counts)
+        return newest
+
+    def _key_splits(self) -> list[Any]:
+        """Where to cut a full read into one key range per planning process (none: plan here)."""
+        processes = self.rt.settings.plan_processes
+        if processes < 2 or multiprocessing.current_process().daemon:
+            return []  # a daemonic process (a prefork pool's child) may not start processes
+        try:
+            pickle.dumps(self.enqueue)  # the other processes import it by name: a closure cannot go
+        except (pickle.PicklingError, AttributeError, TypeError):
+            log.debug("planning in one process: the enqueue function %r cannot be sent to another", self.enqueue)
+            return []
+        return self.reader.key_splits(processes, min_rows=PARALLEL_MIN_ROWS)
+
+    def _plan_in_parallel(
+        self, splits: list[Any], result: PlanResult, registry: dict[str, str], *, force: bool, progress: Progress | None
+    ) -> Any:
+        """Plan a full read as key ranges: the first here, each other one in a process of its own.
+
+        The canonical form, the diff and the state writes are plain Python, bound to one core;
+        ranges planned side by side use the others. Each process writes its own contacts' state
+        and enqueues their tasks; this one merges the counts as they come and waits for all.
+        """
+        assert result.run_id is not None
+        context = multiprocessing.get_context("spawn")  # no fork: this process holds threads and pools
+        events: Any = context.Queue()
+        queue = queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind)
+        ranges = list(zip(splits, [*splits[1:], None], strict=True))
+        procs = {
+            i: context.Process(
+                target=plan_range,
+                args=(
+                    RangeJob(self.rt.settings, self.mapping, self.enqueue, result.run_id, queue, force, after, upto, i),
+                    events,
+                ),
+                name=f"crmsync-plan-{i}",
+                daemon=True,
+            )
+            for i, (after, upto) in enumerate(ranges, start=1)
+        }
+        for proc in procs.values():
+            proc.start()
+        done: dict[int, tuple[list[dict[str, Any]], Any]] = {}
+
+        def collect(wait: float = 0.0) -> None:
+            while True:
+                try:
+                    kind, index, payload = events.get(timeout=wait) if wait else events.get_nowait()
+                except queue_module.Empty:
+                    return
+                wait = 0.0
+                if kind == "counts":
+                    result.counts.update(payload)
+                elif kind == "done":
+                    done[index] = payload
+                else:
+                    first, upto = ranges[index - 1]
+                    raise SourceError(f"planning the keys after {first!r} up to {upto!r} failed: {payload}")
+
+        try:
+            pages = self.reader.raw_pages(stop_at=splits[0])
+            newest = self._plan_pages(
+                pages, result, registry, force=force, dry_run=False, progress=progress, between_pages=collect
+            )
+            while len(done) < len(procs):
+                collect(wait=1.0)
+                for index, proc in procs.items():
+                    if index not in done and not proc.is_alive():
+                        collect()  # its last words, if it had time to say them
+                        if index not in done:
+                            raise SourceError(f"a planning process died (exit code {proc.exitcode})")
+                if progress:
+                    progress(result.counts)
+        finally:
+            for proc in procs.values():
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join()
+        for index in sorted(done):
+            preview, range_newest = done[index]
+            result.preview.extend(preview[: PREVIEW - len(result.preview)])
+            newest = later_of(newest, range_newest)
+        return newest
+
     def mapping_changes(self) -> list[str]:
         """Parts (profile, tags, fields) whose mapping changed since the last full sync."""
         before = self.rt.store.mapping_fingerprints()
@@ -167,18 +279,22 @@ class Planner:
         return dt.datetime.fromisoformat(cursor) - dt.timedelta(seconds=self.rt.settings.lookback_seconds)
 
     def _plan_page(
-        self, page: Page, result: PlanResult, registry: dict[str, str], *, force: bool, dry_run: bool
+        self, raw: RawPage, result: PlanResult, registry: dict[str, str], *, force: bool, dry_run: bool
     ) -> None:
         counts = result.counts
+        settings = self.rt.settings
+        key_column = self.mapping.source.key
+        state = self.rt.store.lookup({key_text(r[key_column]) for r in raw.rows if r.get(key_column) is not None})
+        page = self.reader.build_page(raw, self._verdict(state, force=force))
         counts["read"] += len(page)
         counts["deleted"] += len(page.deleted)
-        settings = self.rt.settings
-        state = self.rt.store.lookup(c.key for c in [*page.contacts, *page.deleted])
+        counts.update(page.ruled_out)
         # Proto cannot delete: a deleted contact already in Proto is tagged, or left as it is.
         candidates = list(page.contacts)
         if settings.deleted_policy == "tag":
             candidates += [with_tag(c, settings.deleted_tag) for c in page.deleted if c.key in state]
         planned: list[tuple[Contact, bool]] = []
+        refreshed: list[tuple[str, str, dict[str, str]]] = []
         for contact in candidates:
             synced = state.get(contact.key)
             if settings.sync_mode == "create-only" and synced is not None and synced.profile is not None:
@@ -189,6 +305,9 @@ class Planner:
             if not parts or (not retry_dead and synced and synced.failed_hash == payload_hash(contact)):
                 # Unchanged, or dead-lettered as it stands: only a change or a replay resends it.
                 counts["unchanged"] += 1
+                fingerprint = page.fingerprints.get(contact.key)
+                if not parts and synced and synced.status == "synced" and fingerprint != synced.fingerprint:
+                    refreshed.append((contact.key, fingerprint, contact.hashes))  # type: ignore[arg-type]
                 continue
             counts["new" if synced is None else "changed"] += 1
             counts.update(f"part_{p}" for p in parts)
@@ -200,27 +319,58 @@ class Planner:
             return
         run_id = result.run_id
         self._record_invalid(page.invalid, run_id)
+        # A row edited outside the mapping's view builds the contact Proto holds: remember its new
+        # fingerprint, or every later full sync builds it again.
+        self.rt.store.refresh_fingerprints(refreshed)
         if planned:
             self._ensure_fields(planned, registry)
             update_only = settings.sync_mode == "update-only"
             tickets = self.mapping.tickets is not None
             # A run that reads every contact is bulk work, whatever its kind: fresh changes go first.
-            queue = queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind)
+            queue = self.queue or (queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind))
             # In growing chunks, so that workers start on the first tasks while the rest are published.
             start, size = 0, ENQUEUE_CHUNK
             while start < len(planned):
                 chunk = planned[start : start + size]
                 self.rt.store.mark_queued(run_id, [(c.key, c.version) for c, _ in chunk])
                 msgs = [
-                    message(run_id, c, was_dead=d, force=force, update_only=update_only, tickets=tickets)
+                    message(
+                        run_id,
+                        c,
+                        was_dead=d,
+                        force=force,
+                        update_only=update_only,
+                        tickets=tickets,
+                        fingerprint=page.fingerprints.get(c.key),
+                    )
                     for c, d in chunk
                 ]
                 self.enqueue(queue, msgs)
                 counts["enqueued"] += len(msgs)
                 start, size = start + size, size * 2
-        if page.max_updated is not None and result.kind == "incremental":
+        if raw.max_updated is not None and result.kind == "incremental":
             # Pages come in updated_at order: all before this point is durably planned.
-            self.rt.store.advance_cursor(page.max_updated)
+            self.rt.store.advance_cursor(raw.max_updated)
+
+    def _verdict(self, state: dict[str, PartHashes], *, force: bool) -> Verdict:
+        """Which rows need no building: the ones whose contact is known not to be sent.
+
+        In create-only mode, a customer already in Proto; otherwise (unless forced) a row
+        whose fingerprint is the one of the row last synced in full.
+        """
+        create_only = self.rt.settings.sync_mode == "create-only"
+
+        def verdict(key: str, fingerprint: str) -> str | None:
+            synced = state.get(key)
+            if synced is None:
+                return None
+            if create_only and synced.profile is not None:
+                return "skipped_existing"
+            if not force and synced.unchanged_since_synced(fingerprint):
+                return "unchanged"
+            return None
+
+        return verdict
 
     def _record_invalid(self, rows: list[InvalidRow], run_id: str) -> None:
         for row in rows:
@@ -256,3 +406,46 @@ class Planner:
             found.append((f.name, f.id, f.type, f.select_options))
             registry[f.name] = f.id
         self.rt.store.register_fields(found)
+
+
+@dataclass(frozen=True)
+class RangeJob:
+    """One key range of a full run, planned in a process of its own (see Planner._plan_in_parallel)."""
+
+    settings: Settings
+    mapping: Mapping
+    enqueue: Enqueue
+    run_id: str
+    queue: Queue
+    force: bool
+    start_after: Any
+    stop_at: Any
+    index: int
+
+
+def plan_range(job: RangeJob, events: Any) -> None:
+    """Plan `job`'s range; report counts after each page, then ("done", preview, newest) or the error."""
+    from .runtime import Runtime  # in the new process
+    from .source.reader import source_engine
+
+    try:
+        rt = Runtime(job.settings)
+        reader = SourceReader(source_engine(str(job.settings.source_url)), job.mapping, job.settings.batch_size)
+        planner = Planner(rt, job.mapping, reader, job.enqueue)
+        planner.queue = job.queue
+        result = PlanResult("full", job.run_id)
+        registry = rt.store.field_ids()
+        reported: Counter[str] = Counter()
+
+        def report() -> None:
+            events.put(("counts", job.index, result.counts - reported))
+            reported.update(result.counts - reported)
+
+        pages = reader.raw_pages(start_after=job.start_after, stop_at=job.stop_at)
+        newest = planner._plan_pages(
+            pages, result, registry, force=job.force, dry_run=False, progress=None, between_pages=report
+        )
+        events.put(("done", job.index, (result.preview, newest)))
+    except Exception as exc:  # reported to the planning process, which fails the run
+        log.exception("planning keys after %r failed", job.start_after)
+        events.put(("failed", job.index, f"{type(exc).__name__}: {exc}"))

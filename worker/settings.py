@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(10.0, gt=0, description="Seconds before an API call times out.")
     max_attempts: int = Field(4, ge=1, description="Tries of one API call on errors (429s are not counted).")
     batch_size: int = Field(1000, ge=1, le=10000, description="Contacts read per source page.")
+    plan_processes: int = Field(
+        2, ge=1, le=64, description="Processes that plan a full sync of a large CRM, each a range of keys."
+    )
     lookback_seconds: float = Field(300.0, ge=0, description="Incremental syncs re-read this far behind the watermark.")
     incremental_every: float = Field(60.0, gt=0, description="Seconds between beat's incremental syncs.")
     full_sync_cron: str = Field("0 2 * * *", description="Cron line of beat's nightly full sync.")

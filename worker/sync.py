@@ -36,13 +36,17 @@ def message(
     force: bool = False,
     update_only: bool = False,
     tickets: bool = False,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """The task message for `contact` planned by `run_id` (JSON primitives only).
 
     `force` resends every part whatever Proto is recorded to hold; `update_only` skips a
-    customer that Proto does not have yet; `tickets` sends the customer's waiting tickets after it.
+    customer that Proto does not have yet; `tickets` sends the customer's waiting tickets after it;
+    `fingerprint` (of the source row) is recorded once the contact is synced.
     """
     msg = {"run_id": run_id, "contact": contact.to_payload(), "was_dead": was_dead, "force": force}
+    if fingerprint:
+        msg["fingerprint"] = fingerprint
     if update_only:
         msg["update_only"] = True
     if tickets:
@@ -85,7 +89,7 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
     except ProtoError as exc:
         _dead_letter(rt, msg, contact, run_id, sent, exc)
         return Outcome.DEAD
-    rt.store.record_outcome(contact.key, run_id, "synced", sent, contact.version)
+    rt.store.record_outcome(contact.key, run_id, "synced", sent, contact.version, fingerprint=msg.get("fingerprint"))
     if msg.get("was_dead"):
         rt.store.resolve_dead_letters(contact.key)
     if msg.get("tickets"):

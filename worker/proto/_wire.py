@@ -77,6 +77,11 @@ PROFILE_MAX_LENGTH: dict[str, int] = {
     "avatar": 2048,
 }
 MAX_TAG_LENGTH = 100
+# The profile fields whose values must also match a pattern.
+VALUE_PATTERNS: dict[str, re.Pattern[str]] = {
+    "email": re.compile(EMAIL_PATTERN),
+    "phone_number": re.compile(PHONE_PATTERN),
+}
 
 
 def profile_problem(field: str, value: str) -> str | None:
@@ -86,9 +91,9 @@ def profile_problem(field: str, value: str) -> str | None:
         return f"{field} is {len(value)} characters long (at most {limit})"
     if CONTROL_CHARACTERS.search(value):
         return f"{field} contains control characters"
-    if field == "email" and not re.fullmatch(EMAIL_PATTERN, value):
+    if field == "email" and not VALUE_PATTERNS[field].fullmatch(value):
         return f"{field} {value[:60]!r} is not an e-mail address"
-    if field == "phone_number" and not re.fullmatch(PHONE_PATTERN, value):
+    if field == "phone_number" and not VALUE_PATTERNS[field].fullmatch(value):
         return f"{field} {value[:60]!r} may hold only digits, spaces and + - ( ) ."
     return None
 

@@ -3,20 +3,26 @@
 The mapping's query is wrapped as a derived table, so any SELECT works (joins included).
 A page costs one query for the rows, plus one per tag or custom-field query, filtered to the
 page's keys: never a query per row, never the whole table in memory.
+
+A page is read raw first (rows and side rows as the driver returned them), then built into
+canonical contacts. Between the two, the planner may rule rows out by their fingerprint (a
+hash of the raw values), so that an unchanged row is never canonicalised.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ..contact import Contact, build_contact
+from ..contact import CANONICAL_FORM, Contact, build_contact, is_deleted, key_text
 from ..errors import InvalidRecord, SourceError
 from .mapping import Mapping, TicketsSpec
 
@@ -31,17 +37,38 @@ class InvalidRow:
 
 
 @dataclass
+class RawPage:
+    """One page as read: the rows, and the side rows (tags, queried fields) grouped by key text."""
+
+    rows: list[dict[str, Any]]
+    tags: dict[str, list[tuple[Any, ...]]]
+    fields: dict[str, list[tuple[Any, ...]]]
+    last: tuple[Any, Any] | None = None
+    max_updated: Any = None
+
+
+@dataclass
 class Page:
-    """One page of contacts, in the order read; `last` is the keyset position after it."""
+    """One page of contacts, in the order read; `last` is the keyset position after it.
+
+    `fingerprints` holds the fingerprint of each built contact's raw row, when asked for;
+    `ruled_out` counts the rows the caller's verdict kept from being built, by verdict.
+    """
 
     contacts: list[Contact] = field(default_factory=list)
     invalid: list[InvalidRow] = field(default_factory=list)
     deleted: list[Contact] = field(default_factory=list)
     last: tuple[Any, Any] | None = None
     max_updated: Any = None
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    ruled_out: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.contacts) + len(self.invalid) + len(self.deleted)
+        return len(self.contacts) + len(self.invalid) + len(self.deleted) + sum(self.ruled_out.values())
+
+
+# Given a contact's key and its row's fingerprint: a reason not to build it ("unchanged"), or None.
+Verdict = Callable[[str, str], str | None]
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +113,12 @@ class SourceReader:
         cols = [sa.column(c, sa.DateTime()) if c == src.updated_at else sa.column(c) for c in self.columns()]
         return sa.text(src.select_sql()).columns(*cols).subquery("src")
 
+    @functools.cached_property
+    def fingerprint_salt(self) -> bytes:
+        """What besides the raw values decides a contact: the mapping and the canonical form."""
+        parts = sorted(self.mapping.part_fingerprints().items())
+        return f"{CANONICAL_FORM}:{parts}".encode()
+
     # -- reading -------------------------------------------------------------------------------
 
     def max_updated(self) -> Any:
@@ -105,10 +138,44 @@ class SourceReader:
                 raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
 
     def pages(self, since: Any = None, keys: Sequence[Any] | None = None) -> Iterator[Page]:
-        """Every contact, page by page.
+        """Every contact, page by page, built (see `raw_pages` for what is read)."""
+        for raw in self.raw_pages(since=since, keys=keys):
+            yield self.build_page(raw)
+
+    def key_splits(self, parts: int, min_rows: int) -> list[Any]:
+        """Keys that cut the keyed rows into `parts` ranges of equal size, in key order.
+
+        None when there are fewer than `min_rows` rows a part: not worth splitting.
+        """
+        table = self._contacts_table()
+        key_col = table.c[self.mapping.source.key]
+        keyed = sa.select(key_col).where(key_col.is_not(None))
+        with self._connect() as conn:
+            try:
+                total = conn.execute(sa.select(sa.func.count()).select_from(keyed.subquery())).scalar() or 0
+                if parts < 2 or total < parts * min_rows:
+                    return []
+                return [
+                    conn.execute(keyed.order_by(key_col).limit(1).offset(total * i // parts)).scalar()
+                    for i in range(1, parts)
+                ]
+            except sa.exc.SQLAlchemyError as exc:
+                raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
+
+    def raw_pages(
+        self,
+        since: Any = None,
+        keys: Sequence[Any] | None = None,
+        *,
+        start_after: Any = None,
+        stop_at: Any = None,
+    ) -> Iterator[RawPage]:
+        """Every source row with its side rows, page by page, as the driver returned them.
 
         With `since` (an updated_at value), only rows updated at or after it, in
-        (updated_at, key) order; with `keys`, only those keys; otherwise all, in key order.
+        (updated_at, key) order; with `keys`, only those keys; otherwise all, in key order,
+        or the range of keys after `start_after` up to `stop_at` (see `key_splits`). Rows
+        without a key come last, in the range that has no `start_after`.
         """
         src = self.mapping.source
         table = self._contacts_table()
@@ -120,7 +187,7 @@ class SourceReader:
             order = [upd_col, key_col]
         else:
             order = [key_col]
-        after: tuple[Any, Any] | None = None
+        after: tuple[Any, Any] | None = None if start_after is None else (None, start_after)
         key_chunks = (
             [list(keys[i : i + self.batch_size]) for i in range(0, len(keys), self.batch_size)]
             if keys is not None
@@ -143,10 +210,12 @@ class SourceReader:
                     query = query.where(sa.or_(upd_col > after[0], sa.and_(upd_col == after[0], key_col > after[1])))
             elif after is not None:
                 query = query.where(key_col > after[1])
+            if stop_at is not None:
+                query = query.where(key_col <= stop_at)
             rows = self._rows(query)
             if not rows and key_chunks is None:
                 break
-            page = self._build_page(rows)
+            page = self._raw_page(rows)
             if rows:
                 last = rows[-1]
                 after = (last.get(src.updated_at) if src.updated_at else None, last[src.key])
@@ -154,9 +223,10 @@ class SourceReader:
             yield page
             if key_chunks is None and len(rows) < self.batch_size:
                 break
-        yield from self._keyless_pages(table, key_col, since)
+        if start_after is None:
+            yield from self._keyless_pages(table, key_col, since)
 
-    def _keyless_pages(self, table: sa.Subquery, key_col: Any, since: Any) -> Iterator[Page]:
+    def _keyless_pages(self, table: sa.Subquery, key_col: Any, since: Any) -> Iterator[RawPage]:
         """The rows whose key is NULL, as pages of invalid rows (by offset: they have no keyset)."""
         query = sa.select(table).where(key_col.is_(None))
         if since is not None:
@@ -164,7 +234,7 @@ class SourceReader:
             query = query.where(upd_col >= since).order_by(upd_col)
         offset = 0
         while rows := self._rows(query.limit(self.batch_size).offset(offset)):
-            yield self._build_page(rows)
+            yield self._raw_page(rows)
             if len(rows) < self.batch_size:
                 return
             offset += len(rows)
@@ -174,13 +244,13 @@ class SourceReader:
             try:
                 result = conn.execute(query)
                 names = list(result.keys())
-                return [dict(zip(names, row, strict=True)) for row in result]
+                # fetchall: iterating a result fetches row by row, twice the cost per row.
+                return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
             except sa.exc.SQLAlchemyError as exc:
                 raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
 
-    def _build_page(self, rows: list[dict[str, Any]]) -> Page:
+    def _raw_page(self, rows: list[dict[str, Any]]) -> RawPage:
         src = self.mapping.source
-        page = Page()
         raw_keys = [r[src.key] for r in rows if r.get(src.key) is not None]
         tags = (
             self._side_rows(self.mapping.tags.query, raw_keys) if self.mapping.tags and self.mapping.tags.query else {}
@@ -189,14 +259,39 @@ class SourceReader:
         for query in self.mapping.field_queries:
             for k, vals in self._side_rows(query, raw_keys).items():
                 fields[k].extend(vals)
-        seen: set[str] = set()
-        for row in rows:
-            if src.updated_at:
+        page = RawPage(rows, tags, fields)
+        if src.updated_at:
+            for row in rows:
                 upd = row.get(src.updated_at)
                 if isinstance(upd, dt.datetime) and (page.max_updated is None or _later(upd, page.max_updated)):
                     page.max_updated = upd
+        return page
+
+    def build_page(self, raw: RawPage, verdict: Verdict | None = None) -> Page:
+        """Canonical contacts of a raw page, with its invalid rows and their reasons.
+
+        With `verdict`, each row's fingerprint is taken first, and a row the verdict rules out
+        is counted under its reason instead of built; the fingerprints of the built contacts
+        are kept on the page.
+        """
+        src = self.mapping.source
+        page = Page(last=raw.last, max_updated=raw.max_updated)
+        no_side: list[tuple[Any, ...]] = []
+        seen: set[str] = set()
+        for row in raw.rows:
             raw_key = row.get(src.key)
             skey = None if raw_key is None else str(raw_key)
+            tags = raw.tags.get(skey, no_side) if skey is not None else no_side
+            fields = raw.fields.get(skey, no_side) if skey is not None else no_side
+            fingerprint = None
+            if verdict is not None and skey is not None and skey not in seen:
+                fingerprint = row_fingerprint(row, tags, fields, self.fingerprint_salt)
+                # A deleted row is always built: it is counted as deleted, whatever its fate.
+                reason = None if is_deleted(self.mapping, row) else verdict(key_text(raw_key), fingerprint)
+                if reason is not None:
+                    seen.add(skey)
+                    page.ruled_out[reason] = page.ruled_out.get(reason, 0) + 1
+                    continue
             try:
                 if skey is not None and skey in seen:
                     raise InvalidRecord(
@@ -205,13 +300,15 @@ class SourceReader:
                 contact = build_contact(
                     self.mapping,
                     row,
-                    tags=[t[0] for t in tags.get(skey or "", []) if t[0] is not None],
-                    extra_fields=[(str(n), v) for n, v in fields.get(skey or "", [])],
+                    tags=[t[0] for t in tags if t[0] is not None],
+                    extra_fields=[(str(n), v) for n, v in fields],
                 )
             except InvalidRecord as exc:
                 page.invalid.append(InvalidRow(skey, exc, _json_safe(row)))
                 continue
             seen.add(contact.key)
+            if fingerprint is not None:
+                page.fingerprints[contact.key] = fingerprint
             (page.deleted if contact.deleted else page.contacts).append(contact)
         return page
 
@@ -270,6 +367,22 @@ class SourceReader:
             raise SourceError(f"cannot connect to the source database: {_reason(exc)}") from None
 
 
+def row_fingerprint(
+    row: dict[str, Any], tags: Sequence[tuple[Any, ...]], fields: Sequence[tuple[Any, ...]], salt: bytes = b""
+) -> str:
+    """A hash of a row's raw values and side rows: equal fingerprints build equal contacts.
+
+    Taken from the values' repr, which is stable for what drivers return (str, numbers,
+    Decimal, datetime, bytes); a value whose repr is not (an object shown by its address)
+    only makes the row look changed, which costs a build, never a missed change. Side rows
+    come in no set order, so they are sorted first. The salt carries the mapping and the
+    canonical form, so a changed mapping or canonical form never matches an old fingerprint.
+    """
+    side = (sorted(map(repr, tags)), sorted(map(repr, fields))) if tags or fields else None
+    blob = repr((tuple(row.values()), side)).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(salt + b"\0" + blob, digest_size=16).hexdigest()
+
+
 def earlier_of(a: Any, b: Any) -> Any:
     """The earlier of two updated_at values (naive beside aware compared as UTC); a non-datetime loses."""
     if not isinstance(b, dt.datetime):
@@ -277,6 +390,15 @@ def earlier_of(a: Any, b: Any) -> Any:
     if not isinstance(a, dt.datetime):
         return b
     return b if _later(a, b) else a
+
+
+def later_of(a: Any, b: Any) -> Any:
+    """The later of two updated_at values (naive beside aware compared as UTC); None loses."""
+    if b is None:
+        return a
+    if a is None:
+        return b
+    return b if _later(b, a) else a
 
 
 def _later(a: dt.datetime, b: dt.datetime) -> bool:

@@ -71,6 +71,9 @@ class CustomerSyncState(Base):
     failed_hash: Mapped[str | None] = mapped_column(sa.String(32))
     source_version: Mapped[str | None] = mapped_column(sa.String(40))
     planned_version: Mapped[str | None] = mapped_column(sa.String(40))
+    # The fingerprint of the raw source row whose contact was last synced in full: an equal
+    # fingerprint at the next full sync means the contact is unchanged, without building it.
+    source_fingerprint: Mapped[str | None] = mapped_column(sa.String(32))
     status: Mapped[str] = mapped_column(sa.String(16), default="queued", index=True)
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(sa.Text)

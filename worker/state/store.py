@@ -54,6 +54,11 @@ class PartHashes:
     status: str
     failed_hash: str | None
     planned_version: str | None = None  # the version the latest plan of this customer read
+    fingerprint: str | None = None  # the raw row's fingerprint when it was last synced
+
+    def unchanged_since_synced(self, fingerprint: str) -> bool:
+        """Whether Proto holds the contact of a source row with this fingerprint."""
+        return self.status == "synced" and self.fingerprint == fingerprint
 
     def get(self, part: str) -> str | None:
         """The synced hash of `part` (profile, tags or fields)."""
@@ -121,6 +126,7 @@ class StateStore:
             STATE.c.status,
             STATE.c.failed_hash,
             STATE.c.planned_version,
+            STATE.c.source_fingerprint,
         ]
         with self.engine.connect() as conn:
             for i in range(0, len(keys), 1000):
@@ -154,8 +160,13 @@ class StateStore:
         source_version: str | None,
         error: str | None = None,
         failed_hash: str | None = None,
+        fingerprint: str | None = None,
     ) -> None:
-        """Write the result of one sync task: the hashes now in Proto, the status, the error."""
+        """Write the result of one sync task: the hashes now in Proto, the status, the error.
+
+        A synced outcome also records the `fingerprint` of the source row it was built from
+        (None when unknown: a replayed payload, a task planned before fingerprints).
+        """
         now = utcnow()
         values: dict[str, Any] = {
             "status": status,
@@ -167,13 +178,36 @@ class StateStore:
             "failed_hash": failed_hash,
         }
         if status == "synced":
-            values.update(source_version=source_version, synced_at=now)
+            values.update(source_version=source_version, synced_at=now, source_fingerprint=fingerprint)
         with self._begin() as conn:
             updated = conn.execute(
                 STATE.update().where(STATE.c.provided_unique_id == key).values(attempts=STATE.c.attempts + 1, **values)
             ).rowcount
             if not updated:
                 conn.execute(STATE.insert().values(provided_unique_id=key, last_run_id=run_id, attempts=1, **values))
+
+    def refresh_fingerprints(self, rows: Sequence[tuple[str, str, dict[str, str]]]) -> None:
+        """Record (key, fingerprint, hashes): the row with this fingerprint builds these hashes.
+
+        Written only where the customer is synced with exactly these hashes, so a fingerprint
+        is never paired with hashes that another run's task has written since they were read.
+        """
+        if not rows:
+            return
+        stmt = (
+            STATE.update()
+            .where(
+                STATE.c.provided_unique_id == sa.bindparam("k"),
+                STATE.c.status == "synced",
+                STATE.c.profile_hash == sa.bindparam("p"),
+                STATE.c.tags_hash == sa.bindparam("t"),
+                STATE.c.fields_hash == sa.bindparam("f"),
+            )
+            .values(source_fingerprint=sa.bindparam("fp"))
+        )
+        params = [{"k": k, "fp": fp, "p": h["profile"], "t": h["tags"], "f": h["fields"]} for k, fp, h in rows]
+        with self._begin() as conn:
+            conn.execute(stmt, params)
 
     def mark_dead(self, keys: Sequence[str], run_id: str, error: str) -> None:
         """Mark customers dead-lettered before any call was made (invalid rows)."""
