@@ -475,3 +475,70 @@ def test_the_token_is_in_no_log_line_no_output_and_no_dead_letter(
     assert dead[0]["task_id"]
     everything = [worker_log, *(o.stdout + o.stderr for o in outputs), *(json.dumps(r, default=str) for r in stored)]
     assert not [text[:200] for text in everything if TOKEN in text]
+
+
+@pytest.mark.services
+def test_a_full_sync_planned_in_three_key_ranges_syncs_every_contact_exactly_once(
+    crm_env: dict[str, str], sandbox: Sandbox, redis_url: str, tmp_path: Path, workers: Any
+) -> None:
+    # Pages of 2 rows: a key range is worth a process from 40 rows, so 130 rows plan in three
+    # ranges, two of them in processes of their own, which create custom fields and enqueue too.
+    source_url = f"sqlite:///{tmp_path / 'crm.db'}"
+    engine = make_crm(source_url, 130)
+    with engine.begin() as conn:  # an invalid row in the last range: recorded by that process
+        conn.execute(contacts.update().where(contacts.c.id == "C00117").values(email1="nope"))
+    crm_env.update(
+        CRMSYNC_SOURCE_URL=source_url,
+        CRMSYNC_BROKER_URL=redis_url,
+        CRMSYNC_MAPPING=str(write_mapping(tmp_path)),
+        CRMSYNC_BATCH_SIZE="2",
+        CRMSYNC_PLAN_PROCESSES="3",
+    )
+    assert crmsync(crm_env, "init").returncode == 0
+    workers(2)
+
+    first = sync_json(crm_env, "full")
+
+    assert first["counts"]["key_ranges"] == 3
+    assert first["counts"]["read"] == 130 and first["counts"]["new"] == 129
+    assert first["counts"]["enqueued"] == 129 and first["counts"]["invalid"] == 1
+    assert first["counts"]["synced"] == 129 and first["counts"]["dead"] == 1
+    assert sorted(sandbox.customers()) == sorted(f"C{i:05d}" for i in range(130) if i != 117)
+    by_route = sandbox.stats()["by_route"]
+    upserts = by_route[ROUTES["upsert_customer"][0] + " " + ROUTES["upsert_customer"][1]]
+    assert sum(upserts.values()) == 129  # no contact planned twice, none missed
+    created = by_route[" ".join(ROUTES["create_custom_field"])]
+    assert sum(created.values()) == 3  # each field once, though three processes needed them
+    before = sandbox.calls()
+    assert sync_json(crm_env, "full")["counts"]["unchanged"] == 129
+    assert sandbox.calls() == before
+
+
+@pytest.mark.services
+def test_a_key_range_that_fails_fails_the_run_and_names_its_keys(
+    crm_env: dict[str, str], sandbox: Sandbox, redis_url: str, tmp_path: Path
+) -> None:
+    # The tag query divides by zero for the keys of the last range only: PostgreSQL refuses
+    # it there, in a planning process of its own, and the whole run must fail, not hang.
+    databases = make_database("postgresql", tmp_path)
+    source_url = next(databases)
+    try:
+        make_crm(source_url, 130).dispose()
+        failing = "SELECT contact_id, tag_name, 1 / (CASE WHEN contact_id > 'C00100' THEN 0 ELSE 1 END) AS boom"
+        crm_env.update(
+            CRMSYNC_SOURCE_URL=source_url,
+            CRMSYNC_BROKER_URL=redis_url,
+            CRMSYNC_MAPPING=str(write_mapping(tmp_path, MAPPING.replace("SELECT contact_id, tag_name", failing))),
+            CRMSYNC_BATCH_SIZE="2",
+            CRMSYNC_PLAN_PROCESSES="3",
+        )
+        assert crmsync(crm_env, "init").returncode == 0
+
+        done = crmsync(crm_env, "sync", "full", "--json", timeout=60)
+
+        assert done.returncode != 0
+        assert "planning the keys after" in done.stderr and "division by zero" in done.stderr
+        runs = json.loads(crmsync(crm_env, "runs", "list", "--json").stdout)
+        assert runs[0]["status"] == "failed" and "division by zero" in runs[0]["error"]
+    finally:
+        next(databases, None)

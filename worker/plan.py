@@ -40,9 +40,9 @@ PREVIEW = 10
 # being published. Each chunk of a page is twice the one before, so a full page of a full sync costs
 # a handful of state writes (50, 100, 200, 400, 250), not twenty.
 ENQUEUE_CHUNK = 50
-# A full read is planned in parallel key ranges when each range has at least this many rows:
+# A full read is planned in parallel key ranges when each range has at least this many pages:
 # below it, starting a process (about a second of imports) costs more than it saves.
-PARALLEL_MIN_ROWS = 20_000
+PARALLEL_MIN_PAGES = 20
 COUNTS = (
     "read",
     "new",
@@ -192,7 +192,7 @@ class Planner:
         except (pickle.PicklingError, AttributeError, TypeError):
             log.debug("planning in one process: the enqueue function %r cannot be sent to another", self.enqueue)
             return []
-        return self.reader.key_splits(processes, min_rows=PARALLEL_MIN_ROWS)
+        return self.reader.key_splits(processes, min_rows=PARALLEL_MIN_PAGES * self.reader.batch_size)
 
     def _plan_in_parallel(
         self, splits: list[Any], result: PlanResult, registry: dict[str, str], *, force: bool, progress: Progress | None
@@ -222,6 +222,7 @@ class Planner:
         }
         for proc in procs.values():
             proc.start()
+        result.counts["key_ranges"] = len(ranges) + 1
         done: dict[int, tuple[list[dict[str, Any]], Any]] = {}
 
         def collect(wait: float = 0.0) -> None:
@@ -391,6 +392,14 @@ class Planner:
         needed = {name for c, _ in planned for name in c.fields} - set(registry)
         if not needed:
             return
+        # Held while creating: another planner (a key range of this run, an incremental run)
+        # may need the same field now, and Proto would take a second field of the same name.
+        with self.rt.store.holding("custom-fields"):
+            registry.update(self.rt.store.field_ids())
+            if needed := needed - set(registry):
+                self._create_fields(needed, registry)
+
+    def _create_fields(self, needed: set[str], registry: dict[str, str]) -> None:
         client = self.rt.client
         existing = {f.name: f for f in client.list_custom_fields()}
         specs = {f.name: f for f in self.mapping.column_fields}

@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import functools
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -611,6 +612,20 @@ class StateStore:
                 return True
             except sa.exc.IntegrityError:
                 return False
+
+    @contextlib.contextmanager
+    def holding(self, name: str, ttl: float = 60.0, wait: float = 60.0) -> Iterator[None]:
+        """Hold the lease `name` for a short piece of work, waiting up to `wait` s for it."""
+        holder = uuid.uuid4().hex
+        deadline = time.monotonic() + wait
+        while not self.acquire_lock(name, holder, ttl):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the lease {name!r} stayed held by another process for {wait:.0f} s")
+            time.sleep(0.05)
+        try:
+            yield
+        finally:
+            self.release_lock(name, holder)
 
     def release_lock(self, name: str, holder: str) -> None:
         """Give the lease back."""
