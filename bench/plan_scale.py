@@ -86,6 +86,21 @@ STEPS = {
 }
 
 
+def step_name(step: str, processes: int, variants: list[int]) -> str:
+    """A step measured with one CRMSYNC_PLAN_PROCESSES value (named plainly when only one is)."""
+    return step if len(variants) == 1 else f"{step}@{processes}"
+
+
+def step_names(variants: list[int]) -> list[str]:
+    full = [step_name(s, p, variants) for s in ("full_first", "full_rerun") for p in variants]
+    return [*full, "incremental"]
+
+
+def step_label(name: str) -> str:
+    step, _, processes = name.partition("@")
+    return STEPS[step] + (f", {processes} process{'es' if processes != '1' else ''}" if processes else "")
+
+
 def key(i: int) -> str:
     return f"C{i:08d}"
 
@@ -108,6 +123,7 @@ def child(spec: dict[str, Any]) -> None:
         source_url=spec["source"],
         state_url=spec["state"],
         mapping=Path(spec["mapping"]),
+        plan_processes=spec["processes"],
     )
     rt = Runtime(settings)
     rt.store  # noqa: B018 - the schema check, which a long-lived process makes once, is not timed
@@ -116,38 +132,26 @@ def child(spec: dict[str, Any]) -> None:
         import worker.celery_app
         import worker.tasks  # noqa: F401
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    enqueued = {"messages": 0, "calls": 0}
-
-    def count(_queue: Any, msgs: list[dict[str, Any]]) -> None:
-        enqueued["messages"] += len(msgs)
-        enqueued["calls"] += 1
-
     profiler = None
     if spec.get("profile"):
         import cProfile
 
         profiler = cProfile.Profile()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     if profiler:
         profiler.enable()
     plan = planner(rt)
-    if spec.get("enqueue") == "redis":
-        publish = plan.enqueue  # worker.jobs.celery_enqueue, to CRMSYNC_BROKER_URL
-
-        def count_and_publish(queue: Any, msgs: list[dict[str, Any]]) -> None:
-            publish(queue, msgs)
-            count(queue, msgs)
-
-        plan.enqueue = count_and_publish
-    else:
-        plan.enqueue = count
+    if spec.get("enqueue") != "redis":  # else worker.jobs.celery_enqueue, to CRMSYNC_BROKER_URL
+        plan.enqueue = discard
     with plan_lock(rt, spec["kind"]):
         result = plan.plan(spec["kind"])
     if profiler:
         profiler.disable()
     seconds = time.perf_counter() - started
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if profiler:
         profiler.dump_stats(spec["profile"])
     print(
@@ -155,14 +159,24 @@ def child(spec: dict[str, Any]) -> None:
             {
                 "vm_hwm_mb": vm_hwm_kb() / 1024,
                 "seconds": seconds,
-                "cpu_seconds": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "cpu_seconds": (cpu1.ru_utime - cpu0.ru_utime)
+                + (cpu1.ru_stime - cpu0.ru_stime)
+                + (kids1.ru_utime - kids0.ru_utime)
+                + (kids1.ru_stime - kids0.ru_stime),
+                # This process's peak plus the largest planning process's: both were alive at once.
+                "peak_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + kids1.ru_maxrss) / 1024,
+                "self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "base_rss_mb": base_rss / 1024,
                 "counts": dict(result.counts),
-                "enqueued": enqueued,
+                "enqueued": {"messages": result.counts["enqueued"]},
             }
         )
     )
+
+
+def discard(_queue: Any, _msgs: list[dict[str, Any]]) -> None:
+    """The bench's enqueue: the planner counts what it enqueues; a module function, so that the
+    planning processes of key ranges import it too."""
 
 
 def vm_hwm_kb() -> int:
@@ -246,7 +260,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if proc["rc"] != 0:
         raise RuntimeError(f"measured step {spec['kind']} exited {proc['rc']}:\n{proc['stderr'][-3000:]}")
     out: dict[str, Any] = json.loads(proc["stdout"].strip().splitlines()[-1])
-    if abs(out["peak_rss_mb"] - out["vm_hwm_mb"]) > 5:
+    if abs(out["self_rss_mb"] - out["vm_hwm_mb"]) > 5:
         log(f"warning: ru_maxrss {out['peak_rss_mb']:.0f} MB but VmHWM {out['vm_hwm_mb']:.0f} MB")
     out["machine_busy"] = (busy1 - busy0) / max(total1 - total0, 1.0)
     if spec.get("enqueue") == "redis":
@@ -512,8 +526,8 @@ def report(dialect: str, step: str, rep: int, out: dict[str, Any], started: floa
         f"{dialect} {step} #{rep + 1}: {out['seconds']:.3f} s (CPU {out['cpu_seconds']:.1f} s), "
         f"peak RSS {out['peak_rss_mb']:.0f} MB (before planning {out['base_rss_mb']:.0f} MB), "
         f"read {c.get('read', 0)}, new {c.get('new', 0)}, changed {c.get('changed', 0)}, "
-        f"unchanged {c.get('unchanged', 0)}, enqueued {out['enqueued']['messages']} "
-        f"in {out['enqueued']['calls']} calls; machine CPU busy {100 * out['machine_busy']:.0f}% "
+        f"unchanged {c.get('unchanged', 0)}, enqueued {out['enqueued']['messages']}, "
+        f"{c.get('key_ranges', 1)} key range(s); machine CPU busy {100 * out['machine_busy']:.0f}% "
         f"[{time.monotonic() - started:.0f} s]"
     )
 
@@ -524,15 +538,16 @@ def expect(ok: bool, what: str) -> None:
 
 
 def run_dialect(dialect: str, args: argparse.Namespace, folder: Path, started: float) -> dict[str, Step]:
-    n, repeats = args.contacts, args.repeats
+    n, repeats, variants = args.contacts, args.repeats, args.plan_processes
     one_percent = n // 100
     rng = random.Random(20260101)
-    picks = rng.sample(range(n), repeats * (one_percent + INCREMENTAL_CHANGES))
-    changed_sets = [picks[r * one_percent : (r + 1) * one_percent] for r in range(repeats)]
-    rest = picks[repeats * one_percent :]
+    reruns = repeats * len(variants)
+    picks = rng.sample(range(n), reruns * one_percent + repeats * INCREMENTAL_CHANGES)
+    changed_sets = [picks[r * one_percent : (r + 1) * one_percent] for r in range(reruns)]
+    rest = picks[reruns * one_percent :]
     touched_sets = [rest[r * INCREMENTAL_CHANGES : (r + 1) * INCREMENTAL_CHANGES] for r in range(repeats)]
     after_all = BASE_TIME + dt.timedelta(seconds=n)  # the last initial updated_at is n - 1 s after BASE_TIME
-    steps = {name: Step() for name in STEPS}
+    steps = {name: Step() for name in step_names(variants)}
     work = folder / dialect
     work.mkdir()
     mapping = write_mapping(work, MAPPING)
@@ -547,8 +562,9 @@ def run_dialect(dialect: str, args: argparse.Namespace, folder: Path, started: f
             n_tags = conn.execute(sa.select(sa.func.count()).select_from(contact_tags)).scalar()
         log(f"{dialect}: {n_tags} tag rows")
 
-        def spec(kind: str, state: str, step: str, rep: int) -> dict[str, Any]:
+        def spec(kind: str, state: str, step: str, rep: int, processes: int = variants[-1]) -> dict[str, Any]:
             s: dict[str, Any] = {"kind": kind, "source": source, "state": state, "mapping": str(mapping)}
+            s["processes"] = processes
             s["cwd"] = str(work)
             s["enqueue"] = args.enqueue
             s["redis_url"] = args.redis_url
@@ -556,29 +572,33 @@ def run_dialect(dialect: str, args: argparse.Namespace, folder: Path, started: f
                 s["profile"] = str(Path(args.profile).resolve() / f"{dialect}-{step}-{rep + 1}.prof")
             return s
 
-        # 1. first full plan, each repeat against a new empty state DB
+        # 1. first full plan, each repeat against a new empty state DB; the variants side by side
         state = ""
         for rep in range(repeats):
-            if state:
-                dbs.drop(state)
-            state = new_state(dbs)
-            out = measure(spec("full", state, "full_first", rep))
-            report(dialect, "full_first", rep, out, started)
-            expect(out["enqueued"]["messages"] == n and out["counts"].get("new") == n, f"first plan enqueues all {n}")
-            steps["full_first"].runs.append(out)
+            for processes in variants:
+                if state:
+                    dbs.drop(state)
+                state = new_state(dbs)
+                name = step_name("full_first", processes, variants)
+                out = measure(spec("full", state, name, rep, processes))
+                report(dialect, name, rep, out, started)
+                expect(
+                    out["enqueued"]["messages"] == n and out["counts"].get("new") == n, f"first plan enqueues all {n}"
+                )
+                steps[name].runs.append(out)
 
         t0 = time.perf_counter()
         settled = settle(dbs, source, state, mapping, None)
         expect(settled == n, f"settled {settled} of {n}")
         log(f"{dialect}: all {n} recorded synced in {time.perf_counter() - t0:.1f} s (setup)")
 
-        # 2. rerun full plan with a new 1% of profiles changed each repeat
-        for rep, indexes in enumerate(changed_sets):
-            change(
-                src_engine, indexes, after_all + dt.timedelta(days=30 * (rep + 1)), last_name="Changed{i}-" + str(rep)
-            )
-            out = measure(spec("full", state, "full_rerun", rep))
-            report(dialect, "full_rerun", rep, out, started)
+        # 2. rerun full plan with a new 1% of profiles changed each time; the variants side by side
+        for i, indexes in enumerate(changed_sets):
+            rep, processes = divmod(i, len(variants))[0], variants[i % len(variants)]
+            name = step_name("full_rerun", processes, variants)
+            change(src_engine, indexes, after_all + dt.timedelta(days=30 * (i + 1)), last_name="Changed{i}-" + str(i))
+            out = measure(spec("full", state, name, rep, processes))
+            report(dialect, name, rep, out, started)
             c = out["counts"]
             expect(
                 out["enqueued"]["messages"] == one_percent
@@ -589,14 +609,14 @@ def run_dialect(dialect: str, args: argparse.Namespace, folder: Path, started: f
                 and c.get("read") == n,
                 f"rerun enqueues exactly the {one_percent} changed profiles",
             )
-            steps["full_rerun"].runs.append(out)
+            steps[name].runs.append(out)
             t0 = time.perf_counter()
             settle(dbs, source, state, mapping, [key(i) for i in indexes])
             log(f"{dialect}: {len(indexes)} recorded synced in {time.perf_counter() - t0:.1f} s (setup)")
 
-        # 3. incremental plans of 100 contacts touched after the watermark
+        # 3. incremental plans of 100 contacts touched after the watermark (never in key ranges)
         for rep, indexes in enumerate(touched_sets):
-            at = after_all + dt.timedelta(days=30 * (repeats + rep + 1))
+            at = after_all + dt.timedelta(days=30 * (reruns + rep + 1))
             change(src_engine, indexes, at, city="Touched{i}-" + str(rep))
             out = measure(spec("incremental", state, "incremental", rep))
             report(dialect, "incremental", rep, out, started)
@@ -630,13 +650,13 @@ def table(results: dict[str, dict[str, Step]], n: int) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for dialect, steps in results.items():
-        for name, label in STEPS.items():
-            step = steps[name]
+        for name, step in steps.items():
+            label = step_label(name)
             if not step.runs:
                 continue
             med = step.median()
             rss = step.peak_rss()
-            if name == "incremental":
+            if name.startswith("incremental"):
                 rows = step.read()
                 target = f"≤ {TARGET_INCREMENTAL_SECONDS:g} s"
                 met: bool | None = med <= TARGET_INCREMENTAL_SECONDS
@@ -675,7 +695,7 @@ def code_version() -> str:
 
 def reproduce(args: argparse.Namespace) -> str:
     parts = ["python", "bench/plan_scale.py", "--contacts", str(args.contacts), "--dialect", args.dialect]
-    parts += ["--repeats", str(args.repeats)]
+    parts += ["--repeats", str(args.repeats), "--plan-processes", ",".join(map(str, args.plan_processes))]
     if args.enqueue != "count":
         parts += ["--enqueue", args.enqueue]
         if args.redis_url != DEFAULT_REDIS:
@@ -700,6 +720,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--redis-url",
         default=DEFAULT_REDIS,
         help=f"the Redis database --enqueue redis flushes and fills (default {DEFAULT_REDIS})",
+    )
+    ap.add_argument(
+        "--plan-processes",
+        type=lambda text: sorted({int(v) for v in text.split(",")}),
+        default=[1, 2],
+        help="CRMSYNC_PLAN_PROCESSES values to measure the full plans with, side by side (default 1,2)",
     )
     ap.add_argument("--profile", metavar="DIR", help="run each measured step under cProfile, dumps in DIR")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (SQLite files, mapping)")
@@ -754,8 +780,9 @@ def main(argv: list[str]) -> int:
     )
     print(
         "Timed: planner set-up, the planning lease, Planner.plan (read, hash, diff, state writes, task "
-        f"messages), {window}. CPU s: the planning process's CPU time (median); machine busy: all cores "
-        "during the step (median; other work on the machine shows here)."
+        f"messages), {window}. CPU s: the planning processes' CPU time (median); peak RSS: the planning "
+        "process's peak plus the largest key-range process's; machine busy: all cores during the step "
+        "(median; other work on the machine shows here)."
     )
     print()
     print(table(results, args.contacts))

@@ -355,6 +355,9 @@ def test_a_contact_deleted_in_the_crm_is_tagged_under_the_tag_policy(sandbox: Sa
     result = h.sync("incremental")
     assert result["counts"]["deleted"] == 1 and sandbox.calls() - before == 1
     assert "gone-from-crm" in sandbox.customers()["C00002"]["tags"]
+    # Synced as tagged, its row unchanged: still counted as deleted by the next full sync, no call.
+    rerun = h.sync()
+    assert rerun["counts"]["deleted"] == 1 and rerun["counts"]["enqueued"] == 0 and sandbox.calls() - before == 1
 
 
 def test_a_contact_deleted_in_the_crm_is_left_alone_under_the_ignore_policy(sandbox: Sandbox, tmp_path: Path) -> None:

@@ -286,9 +286,9 @@ class SourceReader:
             fingerprint = None
             if verdict is not None and skey is not None and skey not in seen:
                 fingerprint = row_fingerprint(row, tags, fields, self.fingerprint_salt)
+                reason = verdict(key_text(raw_key), fingerprint)
                 # A deleted row is always built: it is counted as deleted, whatever its fate.
-                reason = None if is_deleted(self.mapping, row) else verdict(key_text(raw_key), fingerprint)
-                if reason is not None:
+                if reason is not None and not is_deleted(self.mapping, row):
                     seen.add(skey)
                     page.ruled_out[reason] = page.ruled_out.get(reason, 0) + 1
                     continue
