@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
 from worker.sandbox import DEFAULT_SUBCOMPANY_ID, sandbox_process
+
+if TYPE_CHECKING:
+    from tests.test_sync_flow import Harness
 
 PG_ADMIN = os.environ.get("CRMSYNC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MARIADB_ADMIN = os.environ.get("CRMSYNC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/")
@@ -155,3 +158,44 @@ def crm_env(sandbox: Sandbox, tmp_path: Path) -> dict[str, str]:
         CRMSYNC_STATE_URL=f"sqlite:///{tmp_path / 'state.db'}",
     )
     return env
+
+
+@pytest.fixture
+def harness_on(sandbox: Sandbox, sqlite_state: str, tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    """Builds the planner harness of `test_sync_flow` on any source URL (one of `source_url`'s
+    dialects, say), a mapping text and settings, over the sandbox and one SQLite state DB.
+
+    Harnesses built in one test share that state DB: a second one on the same source with other
+    connection settings (a session time zone) plans on from where the first left off. Their
+    source connections and API clients are closed afterwards.
+    """
+    from tests.crm import MAPPING, write_mapping
+    from tests.test_sync_flow import Harness
+    from worker.runtime import Runtime
+    from worker.settings import Settings
+
+    built: list[Harness] = []
+
+    def build(source_url: str, mapping: str = MAPPING, **settings: Any) -> Harness:
+        folder = tmp_path / f"harness-{len(built)}"
+        folder.mkdir()
+        values: dict[str, Any] = dict(
+            source_url=source_url,
+            state_url=sqlite_state,
+            mapping=write_mapping(folder, mapping),
+            proto_base_url=sandbox.base_url,
+            proto_subcompany_id=SUBCOMPANY,
+            proto_token=TOKEN,
+            rate_limit=1000,
+        )
+        harness = Harness(Runtime(Settings(**(values | settings))))
+        built.append(harness)
+        return harness
+
+    yield build
+    for harness in built:
+        harness.planner.reader.engine.dispose()
+        if "client" in harness.rt.__dict__:  # built lazily: close it only if a call built it
+            harness.rt.client.close()
+        if "store" in harness.rt.__dict__:
+            harness.rt.store.engine.dispose()

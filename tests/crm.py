@@ -36,6 +36,14 @@ tickets:
   customer: contact_id
 """
 
+# MAPPING over a SQLite CRM whose date_modified is text in any ISO form (`2026-06-01 16:00:00+02:00`,
+# `2026-06-01T14:00:00`, with or without a fraction or an offset): the query turns it into UTC text
+# of the form SQLAlchemy writes and binds, since SQLite compares the text (docs/mapping-cookbook.md).
+MAPPING_SQLITE_TEXT_IN_UTC = MAPPING.replace(
+    "  table: contacts\n",
+    "  query: SELECT c.*, strftime('%Y-%m-%d %H:%M:%f', c.date_modified) || '000' AS changed_at FROM contacts c\n",
+).replace("updated_at: date_modified", "updated_at: changed_at")
+
 BASE_TIME = dt.datetime(2026, 1, 1)
 md = sa.MetaData()
 contacts = sa.Table(
@@ -80,21 +88,54 @@ def contact_row(i: int, **overrides: Any) -> dict[str, Any]:
     return row
 
 
-def make_crm(url: str, n: int, tags_per_contact: int = 2) -> sa.Engine:
-    """Create the schema at `url` with `n` valid contacts, each with a few tags."""
+def make_crm(url: str, n: int, tags_per_contact: int = 2, table: sa.Table = contacts) -> sa.Engine:
+    """Create the schema at `url` with `n` valid contacts, each with a few tags.
+
+    `table` is `contacts` or a copy of it from `contacts_with_date_type`.
+    """
     engine = sa.create_engine(url)
-    md.drop_all(engine)
-    md.create_all(engine)
+    meta = table.metadata
+    meta.drop_all(engine)
+    meta.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(contacts.insert(), [contact_row(i) for i in range(n)])
+        conn.execute(table.insert(), [contact_row(i) for i in range(n)])
         tags = [
             {"contact_id": f"C{i:05d}", "tag_name": t}
             for i in range(n)
             for t in ["vip", "newsletter", "beta"][: (i % (tags_per_contact + 1))]
         ]
         if tags:
-            conn.execute(contact_tags.insert(), tags)
+            conn.execute(meta.tables["contact_tags"].insert(), tags)
     return engine
+
+
+class IsoText(sa.types.TypeDecorator[dt.datetime]):
+    """updated_at kept as text the way another application writes it: ISO 8601 with a space,
+    no fraction of a second when there is none, and the writer's UTC offset when it has one
+    (`2026-06-01 16:00:00+02:00`, `2026-01-01 00:00:05`); SQLite CRMs often hold such text."""
+
+    impl = sa.String(40)
+    cache_ok = True
+
+    def __init__(self, naive_as: dt.tzinfo | None = None) -> None:
+        """`naive_as`: the offset to write beside naive values (none by default)."""
+        super().__init__()
+        self.naive_as = naive_as
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> str | None:
+        if value is not None and value.tzinfo is None and self.naive_as is not None:
+            value = value.replace(tzinfo=self.naive_as)
+        return None if value is None else value.isoformat(sep=" ")
+
+
+def contacts_with_date_type(date_type: sa.types.TypeEngine[Any]) -> sa.Table:
+    """A copy of `contacts` (in a MetaData of its own, with `contact_tags`) whose `date_modified`
+    is of `date_type`: `sa.DateTime(timezone=True)`, `sa.TIMESTAMP()`, `IsoText()`..."""
+    meta = sa.MetaData()
+    contact_tags.to_metadata(meta)
+    table = contacts.to_metadata(meta)
+    table.c.date_modified.type = date_type
+    return table
 
 
 def write_mapping(folder: Path, text: str = MAPPING) -> Path:
