@@ -1,0 +1,154 @@
+"""What a process spends around its work: a worker's and a command's start-up, and `sync --wait`'s end.
+
+Workers are started with the `sync` command that feeds them, so every tenth of a second of CPU a
+process spends starting delays the run's first API call. These tests hold what keeps it short: a
+worker built through Celery's API (not its command line), the state DB's schema check without
+Alembic when the DB is current (and still refusing one that is not), the wait that notices a run's
+last contact at once, and a command that closes its connections on the way out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import SUBCOMPANY, TOKEN
+from worker.errors import ConfigError
+from worker.runtime import Runtime, _script_head, at_latest_migration
+from worker.settings import Settings
+from worker.state.db import MIGRATIONS, alembic_config, state_engine
+
+READY_TIMEOUT = 60.0
+
+
+def _env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_")}
+    env.update(CRMSYNC_PROTO_SUBCOMPANY_ID=SUBCOMPANY, CRMSYNC_PROTO_TOKEN=TOKEN, **settings)
+    return env
+
+
+def _migrated_to(url: str, revision: str) -> str:
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+    return url
+
+
+# -- the state DB's schema check ---------------------------------------------------------------------
+
+
+def test_a_current_state_db_is_recognised_without_importing_alembic(sqlite_state: str) -> None:
+    code = (
+        "import sys; from worker.runtime import Runtime; from worker.settings import Settings; "
+        f"Runtime(Settings(state_url={sqlite_state!r})).store; print('alembic' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_a_state_db_behind_the_scripts_or_empty_is_refused(tmp_path: Path) -> None:
+    behind = _migrated_to(f"sqlite:///{tmp_path / 'behind.db'}", "0001")
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    for url in (behind, empty):
+        assert not at_latest_migration(state_engine(url))
+        with pytest.raises(ConfigError, match="not initialised or not up to date: run `crmsync init`"):
+            Runtime(Settings(state_url=url)).store  # noqa: B018
+
+
+def test_the_head_is_found_in_the_scripts_as_alembic_finds_it(tmp_path: Path) -> None:
+    from alembic.script import ScriptDirectory
+
+    real = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert _script_head(MIGRATIONS / "versions") == real
+
+    def scripts(name: str, **files: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for filename, text in files.items():
+            (folder / filename).write_text(text)
+        return folder
+
+    chain = 'revision = "a"\ndown_revision = None\n', 'revision = "b"\ndown_revision = "a"\n'
+    assert _script_head(scripts("chain", **{"1.py": chain[0], "2.py": chain[1], "notes.txt": "x"})) == "b"
+    merge = 'revision = "m"\ndown_revision = ("b", "c")\n'
+    branch = 'revision = "c"\ndown_revision = "a"\n'
+    assert _script_head(scripts("merged", **{"1.py": chain[0], "2.py": chain[1], "3.py": branch, "4.py": merge})) == "m"
+    assert _script_head(scripts("two_heads", **{"1.py": chain[0], "2.py": chain[1], "3.py": branch})) is None
+    # Not sure, so Alembic decides: a revision computed at import, or assigned twice.
+    computed = 'revision = "b".upper()\ndown_revision = "a"\n'
+    assert _script_head(scripts("computed", **{"1.py": chain[0], "2.py": computed})) is None
+    twice = chain[1] + 'if True:\n    revision = "z"\n'
+    assert _script_head(scripts("twice", **{"1.py": chain[0], "2.py": twice})) is None
+    # Files Alembic does not load either.
+    ignored = {"1.py": chain[0], "2.py": chain[1], "__init__.py": 'revision = "i"\ndown_revision = "b"\n'}
+    ignored[".#3.py"] = 'revision = "e"\ndown_revision = "b"\n'
+    assert _script_head(scripts("ignored", **ignored)) == "b"
+
+
+def test_a_db_at_the_head_of_other_scripts_is_not_taken_for_current(tmp_path: Path) -> None:
+    url = _migrated_to(f"sqlite:///{tmp_path / 'state.db'}", "head")
+    engine = state_engine(url)
+    assert at_latest_migration(engine)
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    for script in (MIGRATIONS / "versions").glob("*.py"):
+        (newer / script.name).write_text(script.read_text())
+    head = _script_head(MIGRATIONS / "versions")
+    (newer / "9999_next.py").write_text(f'revision = "9999"\ndown_revision = "{head}"\n')
+    assert not at_latest_migration(engine, newer)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM alembic_version"))
+    assert not at_latest_migration(engine)
+
+
+# -- the worker ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def worker_proc(tmp_path: Path) -> Iterator[Any]:
+    """Start `crmsync worker` processes (with `python -X importtime`); stop them all at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = tmp_path / f"worker-{len(procs)}.log"
+        with open(log, "wb") as out:
+            argv = [sys.executable, "-X", "importtime", "-m", "worker.cli", "worker", *args]
+            procs.append(subprocess.Popen(argv, env=env, stdout=out, stderr=out, start_new_session=True))
+        return procs[-1], log
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if " ready." in text:
+            return text
+        assert proc.poll() is None, text[-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"the worker was not ready within {READY_TIMEOUT:.0f} s")
+
+
+@pytest.mark.services
+def test_a_worker_refuses_to_start_on_a_state_db_behind_the_scripts(
+    redis_url: str, tmp_path: Path, worker_proc: Any
+) -> None:
+    url = _migrated_to(f"sqlite:///{tmp_path / 'behind.db'}", "0001")
+    proc, log = worker_proc(_env(CRMSYNC_BROKER_URL=redis_url, CRMSYNC_STATE_URL=url))
+    assert proc.wait(60) == 2
+    assert "not initialised or not up to date: run `crmsync init`" in log.read_text(errors="replace")
