@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,6 +143,31 @@ def _wait_ready(proc: subprocess.Popen[bytes], log: Path) -> str:
         assert proc.poll() is None, text[-3000:]
         time.sleep(0.05)
     raise AssertionError(f"the worker was not ready within {READY_TIMEOUT:.0f} s")
+
+
+@pytest.mark.services
+def test_a_worker_serves_both_queues_in_order_on_threads_and_imports_neither_celerys_cli_nor_alembic(
+    redis_url: str, sqlite_state: str, worker_proc: Any
+) -> None:
+    from worker.celery_app import create_app
+
+    proc, log = worker_proc(_env(CRMSYNC_BROKER_URL=redis_url, CRMSYNC_STATE_URL=sqlite_state), "--concurrency", "3")
+    imports = _wait_ready(proc, log)
+    app = create_app(Settings(broker_url=redis_url, state_url=sqlite_state))
+    hostname = f"crmsync-{proc.pid}@{socket.gethostname()}"  # other tests' workers may share the broker
+    inspect = app.control.inspect([hostname], timeout=5.0)
+    queues = inspect.active_queues() or {}
+    stats = inspect.stats() or {}
+    assert list(queues) == [hostname]
+    assert [q["name"] for q in queues[hostname]] == ["crmsync.priority", "crmsync.bulk"]  # priority first
+    assert stats[hostname]["pool"]["max-concurrency"] == 3
+    assert "thread" in stats[hostname]["pool"]["implementation"]
+    # What `celery worker` would have cost: its command line (every subcommand, the amqp shell's
+    # prompt_toolkit and pygments), and Alembic for a state DB that is current.
+    assert "| celery.bin" not in imports and "| click_repl" not in imports
+    assert "| alembic" not in imports
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(30) == 0
 
 
 @pytest.mark.services

@@ -145,23 +145,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = rt.settings
     if args.metrics_port is not None:
         serve_metrics(rt, args.metrics_port, count_runs=True)
-    argv = [
-        "worker",
-        "--pool",
-        "threads",
-        "--concurrency",
-        str(args.concurrency or settings.worker_concurrency),
-        "--queues",
-        ",".join(q.value for q in Queue),
-        "--loglevel",
-        args.loglevel,
-        "--hostname",
-        f"crmsync-{os.getpid()}@%h",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    app.worker_main(argv)
-    return 0
+    return run_worker(
+        app,
+        concurrency=args.concurrency or settings.worker_concurrency,
+        queues=[q.value for q in Queue],
+        loglevel=args.loglevel,
+        hostname=f"crmsync-{os.getpid()}@%h",
+    )
+
+
+def run_worker(app: Any, *, concurrency: int, queues: list[str], loglevel: str, hostname: str) -> int:
+    """Run a Celery worker of `app` in this process until it stops; returns its exit code.
+
+    The same worker as `celery worker --pool threads --without-gossip --without-mingle` with
+    these options, built through Celery's API rather than its command line: that command line
+    imports every celery subcommand (the amqp shell's prompt_toolkit and pygments among them),
+    about 0.1 s of CPU per worker, paid at every start for nothing.
+    """
+    from celery.platforms import maybe_drop_privileges
+    from celery.utils.nodenames import default_nodename, host_format
+
+    maybe_drop_privileges()  # what `celery worker` checks first: refuses an euid/uid mix-up
+    worker = app.Worker(
+        hostname=host_format(default_nodename(hostname)),
+        pool_cls="threads",
+        concurrency=concurrency,
+        queues=queues,
+        loglevel=loglevel,
+        without_gossip=True,
+        without_mingle=True,
+    )
+    worker.start()
+    return int(worker.exitcode or 0)
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
