@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 
 from tests.conftest import SUBCOMPANY, TOKEN
 from worker.errors import ConfigError
+from worker.jobs import next_poll, wait_for_run
 from worker.runtime import Runtime, _script_head, at_latest_migration
 from worker.settings import Settings
 from worker.state.db import MIGRATIONS, alembic_config, state_engine
@@ -178,3 +180,56 @@ def test_a_worker_refuses_to_start_on_a_state_db_behind_the_scripts(
     proc, log = worker_proc(_env(CRMSYNC_BROKER_URL=redis_url, CRMSYNC_STATE_URL=url))
     assert proc.wait(60) == 2
     assert "not initialised or not up to date: run `crmsync init`" in log.read_text(errors="replace")
+
+
+# -- the end of `sync --wait` --------------------------------------------------------------------------
+
+
+def test_the_wait_notices_the_last_contact_of_a_run_at_once(sqlite_state: str) -> None:
+    rt = Runtime(Settings(state_url=sqlite_state))  # no broker: the embedded one, nothing to reconcile
+    run_id = rt.store.start_run("full")
+    keys = [f"k{i}" for i in range(60)]
+    rt.store.mark_queued(run_id, [(k, None) for k in keys])
+    last_done: list[float] = []
+
+    def work() -> None:  # 20 contacts/s for 3 s, as workers would sync them
+        for key in keys:
+            time.sleep(0.05)
+            rt.store.record_outcome(key, run_id, "synced", {"profile": "h"}, None)
+        last_done.append(time.monotonic())
+
+    threading.Thread(target=work, daemon=True).start()
+    seen: list[dict[str, int]] = []
+    run = wait_for_run(rt, run_id, seen.append, poll=1.0)
+    returned = time.monotonic()
+    assert run["status"] == "finished" and run["synced"] == 60
+    # Read every second, the end would be seen up to a second late; near the end it is read more often.
+    assert returned - last_done[0] < 0.3, returned - last_done[0]
+    assert len(seen) < 30  # and not all along
+
+
+def test_the_poll_quickens_only_near_the_end_and_never_keeps_the_db_busy() -> None:
+    assert next_poll(1000, 16.0, query_seconds=0.001, poll=0.2, min_poll=0.02) == 0.2  # a minute left
+    assert next_poll(5, 0.0, query_seconds=0.001, poll=0.2, min_poll=0.02) == 0.2  # no rate seen yet
+    assert next_poll(4, 16.0, query_seconds=0.001, poll=0.2, min_poll=0.02) == pytest.approx(0.125)
+    assert next_poll(1, 16.0, query_seconds=0.001, poll=0.2, min_poll=0.02) == pytest.approx(0.03125)
+    assert next_poll(1, 1000.0, query_seconds=0.001, poll=0.2, min_poll=0.02) == 0.02
+    # A progress query that takes 0.3 s (a run of millions) is never asked more than a third of the time.
+    assert next_poll(1, 16.0, query_seconds=0.3, poll=0.2, min_poll=0.02) == pytest.approx(0.6)
+
+
+# -- a command's exit ------------------------------------------------------------------------------------
+
+
+def test_a_command_closes_its_state_db_on_exit(sqlite_state: str) -> None:
+    db = Path(sqlite_state.removeprefix("sqlite:///"))
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "status", "--json"],
+        env=_env(CRMSYNC_STATE_URL=sqlite_state),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    # The last connection closed, SQLite folded its write-ahead log into the file and removed it.
+    assert not db.with_name(db.name + "-wal").exists()

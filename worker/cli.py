@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -551,6 +553,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        _on_exit()
+
+
+def _on_exit() -> None:
+    """Release this process's connections, and spare the interpreter a last collection at exit.
+
+    The state DB's pool, the API client and Redis are closed here, in order. What is left is
+    the memory of every module (SQLAlchemy, Celery, pydantic...), freed by the process's exit:
+    without `gc.freeze()` the interpreter would first walk it all for reference cycles, about
+    0.15 s between a command's last line and its exit (what `sync --wait` makes a script wait).
+    """
+    if "worker.runtime" in sys.modules:
+        from .runtime import close_runtime
+
+        close_runtime()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to tell
+            stream.flush()
+    gc.freeze()
 
 
 if __name__ == "__main__":

@@ -255,25 +255,47 @@ def wait_for_run(
     on_progress: Callable[[dict[str, int]], None] | None = None,
     alive: Callable[[], bool] = lambda: True,
     poll: float = 0.2,
+    min_poll: float = 0.02,
 ) -> dict[str, Any]:
     """Block until every customer of the run is synced or dead-lettered; returns the closed run.
 
+    The run's progress is read every `poll` seconds, and more often as its end nears (down to
+    `min_poll`: see `next_poll`), so that the command returns soon after the last contact.
     On Redis it also reconciles the run every few seconds, so tasks lost with a killed
     worker are re-sent once the run stalls, not when Redis's visibility timeout expires.
     """
     next_reconcile = time.monotonic() + RECONCILE_EVERY
+    first: tuple[float, int] | None = None
     while True:
         if not rt.settings.embedded_broker and time.monotonic() >= next_reconcile:
             reconcile(rt, run_id)
             next_reconcile = time.monotonic() + RECONCILE_EVERY
+        asked = time.monotonic()
         progress = rt.store.run_progress(run_id)
+        now = time.monotonic()
         if on_progress:
             on_progress(progress)
-        if not progress.get("queued"):
+        queued = progress.get("queued", 0)
+        if not queued:
             return rt.store.finish_run(run_id)
         if not alive():
             raise CrmsyncError("the worker stopped before the run finished; see its log")
-        time.sleep(poll)
+        first = first or (now, queued)
+        rate = (first[1] - queued) / (now - first[0]) if now > first[0] else 0.0
+        time.sleep(next_poll(queued, rate, query_seconds=now - asked, poll=poll, min_poll=min_poll))
+
+
+def next_poll(queued: int, rate: float, *, query_seconds: float, poll: float, min_poll: float) -> float:
+    """Seconds before the next read of a run's progress.
+
+    `poll` while the end is far; once the contacts left would be done within two polls at the
+    `rate` seen so far (contacts/s), half the time they should take, down to `min_poll`: the
+    command then notices the last one within a few tens of milliseconds, not up to `poll` late.
+    Never less than twice the last read took, so that a large run's progress query never keeps
+    the state DB more than a third of the time busy.
+    """
+    wait = poll if rate <= 0 else min(poll, max(min_poll, queued / rate / 2))
+    return max(wait, 2 * query_seconds)
 
 
 @contextlib.contextmanager

@@ -126,6 +126,16 @@ class Runtime:
         token = self.settings.proto_token
         return text.replace(token.get_secret_value(), "[REDACTED]") if token else text
 
+    def close(self) -> None:
+        """Release what was built: the API client's connections, the state DB's pool, Redis."""
+        built = self.__dict__
+        if "client" in built:
+            built["client"].close()
+        if "store" in built:
+            built["store"].engine.dispose()
+        if built.get("redis") is not None:
+            built["redis"].close()
+
 
 def at_latest_migration(engine: sa.Engine, versions: Path = MIGRATIONS / "versions") -> bool:
     """True when the state DB records exactly the one head revision of the migration scripts.
@@ -210,3 +220,10 @@ def runtime() -> Runtime:
         _RUNTIME = Runtime(load_settings())
     return _RUNTIME
 
+
+def close_runtime() -> None:
+    """Release this process's Runtime, if one was built (the next `runtime()` builds another)."""
+    global _RUNTIME
+    rt, _RUNTIME = _RUNTIME, None
+    if rt is not None:
+        rt.close()
