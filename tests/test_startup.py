@@ -9,6 +9,7 @@ last contact at once, and a command that closes its connections on the way out.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -221,7 +222,9 @@ def test_the_poll_quickens_only_near_the_end_and_never_keeps_the_db_busy() -> No
 # -- a command's exit ------------------------------------------------------------------------------------
 
 
-def test_a_command_closes_its_state_db_on_exit(sqlite_state: str) -> None:
+def test_a_command_closes_its_state_db_on_exit_and_leaves_the_collector_on(
+    sqlite_state: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     db = Path(sqlite_state.removeprefix("sqlite:///"))
     done = subprocess.run(
         [sys.executable, "-m", "worker.cli", "status", "--json"],
@@ -233,3 +236,14 @@ def test_a_command_closes_its_state_db_on_exit(sqlite_state: str) -> None:
     assert done.returncode == 0, done.stderr
     # The last connection closed, SQLite folded its write-ahead log into the file and removed it.
     assert not db.with_name(db.name + "-wal").exists()
+
+    # In this process: the collector, off while the command started, is on again after it.
+    from worker.cli import main
+
+    monkeypatch.setenv("CRMSYNC_STATE_URL", sqlite_state)
+    try:
+        assert main(["status", "--json"]) == 0
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+    assert '"runs": []' in capsys.readouterr().out
