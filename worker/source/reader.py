@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 
 from ..contact import CANONICAL_FORM, Contact, build_contact, is_deleted, key_text
 from ..errors import InvalidRecord, SourceError
+from ..sqlkeys import one_of
 from .mapping import Mapping, TicketsSpec
 
 
@@ -350,7 +351,7 @@ class SourceReader:
         if names is None:  # probed once per reader, not once per page
             names = self._side_columns[sql] = self._probe(sql)
         side = sa.text(sql).columns(*[sa.column(n) for n in names]).subquery("side")
-        query = sa.select(*side.c).where(side.c[names[0]].in_(raw_keys))
+        query = sa.select(*side.c).where(one_of(side.c[names[0]], raw_keys, self.engine.dialect.name))
         out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         with self._connect() as conn:
             try:

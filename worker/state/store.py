@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..settings import DEFAULT_DEGRADED_THRESHOLD
+from ..sqlkeys import one_of
 from .models import CustomerSyncState, CustomFieldRecord, DeadLetter, Lock, SyncCursor, SyncRun, Ticket, utcnow
 
 STATE = cast(sa.Table, CustomerSyncState.__table__)
@@ -192,7 +193,9 @@ class StateStore:
         ]
         with self.engine.connect() as conn:
             for i in range(0, len(keys), 1000):
-                for row in conn.execute(sa.select(*cols).where(STATE.c.provided_unique_id.in_(keys[i : i + 1000]))):
+                chunk = keys[i : i + 1000]
+                match = one_of(STATE.c.provided_unique_id, chunk, self.engine.dialect.name)
+                for row in conn.execute(sa.select(*cols).where(match)):
                     out[row[0]] = PartHashes(*row[1:])
         return out
 
