@@ -98,6 +98,10 @@ COLUMNS = [
     ),
     Column("mariadb-datetime", "mariadb", sa.DateTime, "utc"),
     Column("mariadb-timestamp", "mariadb", sa.TIMESTAMP, "session", "init_command=SET time_zone='%2B00:00'"),
+    # A session in another zone (the server's own, say): crmsync reads TIMESTAMP in UTC all the same.
+    Column(
+        "mariadb-timestamp-minus-5-session", "mariadb", sa.TIMESTAMP, "session", "init_command=SET time_zone='-05:00'"
+    ),
 ]
 
 
@@ -187,5 +191,30 @@ def test_incremental_syncs_send_exactly_the_rows_changed_since_the_watermark_in_
         assert keys == ["C00009"] and calls == 1 and counts["unchanged"] == 11
         assert sandbox.customers()["C00009"]["location"] == "Moved C00009"
         assert sync.watermark() == moment("2026-06-01 15:00:00+00:00")
+    finally:
+        crm.dispose()
+
+
+# The session's offset changes between two runs (summer time ends, +02:00 -> +01:00): TIMESTAMP
+# is read in UTC whatever the session, so a row changed after the change is not taken for older.
+@pytest.mark.parametrize("source_url", ["mariadb"], indirect=True)
+def test_mariadb_timestamp_row_changed_after_summer_time_ends_is_sent(
+    source_url: str, harness_on: Callable[..., Harness], sandbox: Sandbox
+) -> None:
+    summer = Column("summer", "mariadb", sa.TIMESTAMP, "session", "init_command=SET time_zone='%2B02:00'")
+    winter = Column("winter", "mariadb", sa.TIMESTAMP, "session", "init_command=SET time_zone='%2B01:00'")
+    table = contacts_with_date_type(sa.TIMESTAMP())
+    crm = make_crm(source_url, 12, table=table)
+    try:
+        before = Sync(harness_on(summer.reader_url(source_url), lookback_seconds=300), sandbox)
+        before.run("full")
+        summer.write(crm, table, "C00002", moment("2026-10-25 00:30:00+00:00"), city="Before")
+        assert before.run("incremental")[1] == ["C00002"]
+        assert before.version("C00002") == "2026-10-25T00:30:00.000000"
+        after = Sync(harness_on(winter.reader_url(source_url), lookback_seconds=300), sandbox)
+        winter.write(crm, table, "C00005", moment("2026-10-25 01:20:00+00:00"), city="After")  # 50 min later
+        _, keys, calls = after.run("incremental")
+        assert keys == ["C00005"] and calls == 1  # not read as 02:20, before 02:30 - 5 min
+        assert sandbox.customers()["C00005"]["location"] == "After"
     finally:
         crm.dispose()

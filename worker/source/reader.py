@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -111,8 +112,44 @@ class SourceReader:
 
     def _contacts_table(self) -> sa.Subquery:
         src = self.mapping.source
-        cols = [sa.column(c, sa.DateTime()) if c == src.updated_at else sa.column(c) for c in self.columns()]
+        # SQLite keeps a datetime as the text its writer chose ("2026-06-01 00:00:00", with or without
+        # a fraction or a "T"): it is read as that text, so the keyset binds back exactly what it
+        # read (a reparsed value, bound with a fraction, never equals text written without one),
+        # and is parsed where a moment is needed (`moment`). Other drivers return datetimes.
+        typed = self.engine.dialect.name != "sqlite"
+        cols = [sa.column(c, sa.DateTime()) if typed and c == src.updated_at else sa.column(c) for c in self.columns()]
         return sa.text(src.select_sql()).columns(*cols).subquery("src")
+
+    def _since_bound(self, since: Any) -> Any:
+        """`since` as the updated_at column compares it: on SQLite, text shaped as the CRM writes it.
+
+        SQLite compares the stored text; `since` written in another shape ("T" for " ", another
+        number of decimals) would compare wrong at its own second (rows there missed) or over a
+        whole day ("T" sorts after " "). So it takes the shape of a stored value: the separator,
+        the decimals (cut, never rounded up: a bound a little early only re-reads a row).
+        """
+        if self.engine.dialect.name != "sqlite" or not isinstance(since, dt.datetime):
+            return since
+        if since.tzinfo is not None:
+            since = since.astimezone(dt.UTC).replace(tzinfo=None)
+        shape = _TEXT_SHAPE.match(self._stored_sample or "")
+        if shape is None:
+            return since
+        separator, decimals, zone = shape.group(1), len(shape.group(2) or ".") - 1, shape.group(3)
+        text = since.strftime(f"%Y-%m-%d{separator}%H:%M:%S")
+        if decimals:
+            text += "." + f"{since.microsecond:06d}"[:decimals].ljust(decimals, "0")
+        return text + (zone if zone in ("Z", "+00:00") else "")
+
+    @functools.cached_property
+    def _stored_sample(self) -> str | None:
+        """One updated_at as SQLite stores it (the newest), or None when not text."""
+        src = self.mapping.source
+        table = self._contacts_table()
+        column = table.c[src.updated_at]  # type: ignore[index]
+        with self._connect() as conn:
+            value = conn.execute(sa.select(column).where(column.is_not(None)).order_by(column.desc()).limit(1)).scalar()
+        return value if isinstance(value, str) else None
 
     @functools.cached_property
     def fingerprint_salt(self) -> bytes:
@@ -134,7 +171,7 @@ class SourceReader:
         table = self._contacts_table()
         with self._connect() as conn:
             try:
-                return conn.execute(sa.select(sa.func.max(table.c[src.updated_at]))).scalar()
+                return moment(conn.execute(sa.select(sa.func.max(table.c[src.updated_at]))).scalar())
             except sa.exc.SQLAlchemyError as exc:
                 raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
 
@@ -206,7 +243,7 @@ class SourceReader:
             elif since is not None:
                 upd_col = table.c[src.updated_at]  # type: ignore[index]
                 if after is None:
-                    query = query.where(upd_col >= since)
+                    query = query.where(upd_col >= self._since_bound(since))
                 else:
                     query = query.where(sa.or_(upd_col > after[0], sa.and_(upd_col == after[0], key_col > after[1])))
             elif after is not None:
@@ -232,7 +269,7 @@ class SourceReader:
         query = sa.select(table).where(key_col.is_(None))
         if since is not None:
             upd_col = table.c[self.mapping.source.updated_at]  # type: ignore[index]
-            query = query.where(upd_col >= since).order_by(upd_col)
+            query = query.where(upd_col >= self._since_bound(since)).order_by(upd_col)
         offset = 0
         while rows := self._rows(query.limit(self.batch_size).offset(offset)):
             yield self._raw_page(rows)
@@ -263,7 +300,7 @@ class SourceReader:
         page = RawPage(rows, tags, fields)
         if src.updated_at:
             for row in rows:
-                upd = row.get(src.updated_at)
+                upd = moment(row.get(src.updated_at))
                 if isinstance(upd, dt.datetime) and (page.max_updated is None or _later(upd, page.max_updated)):
                     page.max_updated = upd
         return page
@@ -393,6 +430,20 @@ def earlier_of(a: Any, b: Any) -> Any:
     return b if _later(a, b) else a
 
 
+# ISO text as SQLite holds a datetime: separator, decimals, zone.
+_TEXT_SHAPE = re.compile(r"^\d{4}-\d{2}-\d{2}([T ])\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$")
+
+
+def moment(value: Any) -> Any:
+    """An updated_at value as a datetime: ISO text (SQLite's) parsed; anything unparseable as it is."""
+    if isinstance(value, str):
+        try:
+            return dt.datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    return value
+
+
 def later_of(a: Any, b: Any) -> Any:
     """The later of two updated_at values (naive beside aware compared as UTC); None loses."""
     if b is None:
@@ -419,10 +470,23 @@ def _reason(exc: sa.exc.SQLAlchemyError) -> str:
 def source_engine(url: str) -> Engine:
     """An engine for the CRM database: read-only use, small pool, pre-ping."""
     try:
-        return (
+        engine = (
             sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
             if not url.startswith("sqlite")
             else sa.create_engine(url)
         )
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise SourceError(f"CRMSYNC_SOURCE_URL is not a usable database URL: {exc}") from None
+    if engine.dialect.name in ("mysql", "mariadb"):
+        # MySQL and MariaDB return TIMESTAMP columns in the session's time zone, without saying
+        # which: in UTC they are what crmsync takes naive times to be, and no summer time moves them.
+        sa.event.listen(engine, "connect", _utc_session)
+    return engine
+
+
+def _utc_session(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SET time_zone = '+00:00'")
+    finally:
+        cursor.close()
