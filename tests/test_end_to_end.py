@@ -538,6 +538,7 @@ def test_a_key_range_that_fails_fails_the_run_and_names_its_keys(
 
         assert done.returncode != 0
         assert "planning the keys after" in done.stderr and "division by zero" in done.stderr
+        assert TOKEN not in done.stdout + done.stderr  # the range process logs through the same redaction
         runs = json.loads(crmsync(crm_env, "runs", "list", "--json").stdout)
         assert runs[0]["status"] == "failed" and "division by zero" in runs[0]["error"]
     finally:

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import pickle
 import queue as queue_module
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -212,7 +213,18 @@ class Planner:
             i: context.Process(
                 target=plan_range,
                 args=(
-                    RangeJob(self.rt.settings, self.mapping, self.enqueue, result.run_id, queue, force, after, upto, i),
+                    RangeJob(
+                        self.rt.settings,
+                        self.mapping,
+                        self.enqueue,
+                        result.run_id,
+                        queue,
+                        force,
+                        after,
+                        upto,
+                        i,
+                        logging.getLogger().getEffectiveLevel(),
+                    ),
                     events,
                 ),
                 name=f"crmsync-plan-{i}",
@@ -430,13 +442,19 @@ class RangeJob:
     start_after: Any
     stop_at: Any
     index: int
+    log_level: int = logging.WARNING
 
 
 def plan_range(job: RangeJob, events: Any) -> None:
     """Plan `job`'s range; report counts after each page, then ("done", preview, newest) or the error."""
-    from .runtime import Runtime  # in the new process
+    from .logs import configure_logging  # in the new process
+    from .runtime import Runtime
     from .source.reader import source_engine
 
+    fmt = job.settings.log_format
+    configure_logging(
+        json=fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()), level=logging.getLevelName(job.log_level)
+    )
     try:
         rt = Runtime(job.settings)
         reader = SourceReader(source_engine(str(job.settings.source_url)), job.mapping, job.settings.batch_size)
