@@ -37,9 +37,10 @@ Enqueue = Callable[[Queue, list[dict[str, Any]]], None]
 EnqueueTickets = Callable[[list[str]], None]
 Progress = Callable[[Counter[str]], None]
 PREVIEW = 10
-# Tasks marked queued and published at a time: the first reach the workers while the page is still
-# being published. Each chunk of a page is twice the one before, so a full page of a full sync costs
-# a handful of state writes (50, 100, 200, 400, 250), not twenty.
+# Tasks marked queued and published at a time: the first reach the workers while the first page is
+# still being published. Each chunk of a run is twice the one before, up to a page: the first page
+# costs a handful of state writes (50, 100, 200, 400, 250), every later page one (each a commit,
+# which on PostgreSQL waits for its log to reach the disk).
 ENQUEUE_CHUNK = 50
 # A full read is planned in parallel key ranges when each range has at least this many pages:
 # below it, starting a process (about a second of imports) costs more than it saves.
@@ -66,6 +67,7 @@ class PlanResult:
     run_id: str | None
     counts: Counter[str] = field(default_factory=Counter)
     preview: list[dict[str, Any]] = field(default_factory=list)
+    chunk: int = ENQUEUE_CHUNK  # the next enqueue chunk's size (see ENQUEUE_CHUNK)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary; every standard count is present, zero or not."""
@@ -342,7 +344,7 @@ class Planner:
             # A run that reads every contact is bulk work, whatever its kind: fresh changes go first.
             queue = self.queue or (queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind))
             # In growing chunks, so that workers start on the first tasks while the rest are published.
-            start, size = 0, ENQUEUE_CHUNK
+            start, size = 0, result.chunk
             while start < len(planned):
                 chunk = planned[start : start + size]
                 self.rt.store.mark_queued(run_id, [(c.key, c.version) for c, _ in chunk])
@@ -361,6 +363,7 @@ class Planner:
                 self.enqueue(queue, msgs)
                 counts["enqueued"] += len(msgs)
                 start, size = start + size, size * 2
+                result.chunk = min(size, self.reader.batch_size)
         if raw.max_updated is not None and result.kind == "incremental":
             # Pages come in updated_at order: all before this point is durably planned.
             self.rt.store.advance_cursor(raw.max_updated)
