@@ -45,6 +45,9 @@ ENQUEUE_CHUNK = 50
 # A full read is planned in parallel key ranges when each range has at least this many pages:
 # below it, starting a process (about a second of imports) costs more than it saves.
 PARALLEL_MIN_PAGES = 20
+# Ranges a process, taken from one shared list by whichever process is free: a process that
+# starts late (a second of imports) or runs slow (a busy core) takes fewer.
+RANGES_PER_PROCESS = 4
 COUNTS = (
     "read",
     "new",
@@ -195,48 +198,47 @@ class Planner:
         except (pickle.PicklingError, AttributeError, TypeError):
             log.debug("planning in one process: the enqueue function %r cannot be sent to another", self.enqueue)
             return []
-        return self.reader.key_splits(processes, min_rows=PARALLEL_MIN_PAGES * self.reader.batch_size)
+        min_rows = PARALLEL_MIN_PAGES * self.reader.batch_size
+        return self.reader.key_splits(processes * RANGES_PER_PROCESS, min_rows=min_rows // RANGES_PER_PROCESS)
 
     def _plan_in_parallel(
         self, splits: list[Any], result: PlanResult, registry: dict[str, str], *, force: bool, progress: Progress | None
     ) -> Any:
-        """Plan a full read as key ranges: the first here, each other one in a process of its own.
+        """Plan a full read as key ranges, in this process and CRMSYNC_PLAN_PROCESSES - 1 others.
 
         The canonical form, the diff and the state writes are plain Python, bound to one core;
-        ranges planned side by side use the others. Each process writes its own contacts' state
-        and enqueues their tasks; this one merges the counts as they come and waits for all.
+        ranges planned side by side use the others. Every process takes the next range from one
+        shared list when it is free, writes its contacts' state and enqueues their tasks; this
+        one also merges the counts as they come, and waits for every range.
         """
         assert result.run_id is not None
         context = multiprocessing.get_context("spawn")  # no fork: this process holds threads and pools
         events: Any = context.Queue()
+        todo: Any = context.SimpleQueue()  # written at once, no feeder thread: what is put is there
+        ranges = list(zip([None, *splits], [*splits, None], strict=True))
+        helpers = self.rt.settings.plan_processes - 1
+        for index in range(len(ranges)):
+            todo.put(index)
+        for _ in range(helpers):
+            todo.put(None)  # one "no more" each, after every range
         queue = queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind)
-        ranges = list(zip(splits, [*splits[1:], None], strict=True))
-        procs = {
-            i: context.Process(
-                target=plan_range,
-                args=(
-                    RangeJob(
-                        self.rt.settings,
-                        self.mapping,
-                        self.enqueue,
-                        result.run_id,
-                        queue,
-                        force,
-                        after,
-                        upto,
-                        i,
-                        logging.getLogger().getEffectiveLevel(),
-                    ),
-                    events,
-                ),
-                name=f"crmsync-plan-{i}",
-                daemon=True,
-            )
-            for i, (after, upto) in enumerate(ranges, start=1)
-        }
-        for proc in procs.values():
+        job = RangeJob(
+            self.rt.settings,
+            self.mapping,
+            self.enqueue,
+            result.run_id,
+            queue,
+            force,
+            ranges,
+            logging.getLogger().getEffectiveLevel(),
+        )
+        procs = [
+            context.Process(target=plan_ranges, args=(job, todo, events), name=f"crmsync-plan-{i}", daemon=True)
+            for i in range(1, helpers + 1)
+        ]
+        for proc in procs:
             proc.start()
-        result.counts["key_ranges"] = len(ranges) + 1
+        result.counts["key_ranges"] = len(ranges)
         done: dict[int, tuple[list[dict[str, Any]], Any]] = {}
 
         def collect(wait: float = 0.0) -> None:
@@ -251,31 +253,39 @@ class Planner:
                 elif kind == "done":
                     done[index] = payload
                 else:
-                    first, upto = ranges[index - 1]
-                    raise SourceError(f"planning the keys after {first!r} up to {upto!r} failed: {payload}")
+                    raise RangeFailed(ranges[index], payload)
 
         try:
-            pages = self.reader.raw_pages(stop_at=splits[0])
-            newest = self._plan_pages(
-                pages, result, registry, force=force, dry_run=False, progress=progress, between_pages=collect
-            )
-            while len(done) < len(procs):
+            newest = None
+            while (index := todo.get()) is not None:
+                pages = self.reader.raw_pages(start_after=ranges[index][0], stop_at=ranges[index][1])
+                try:
+                    here = self._plan_pages(
+                        pages, result, registry, force=force, dry_run=False, progress=progress, between_pages=collect
+                    )
+                except RangeFailed:
+                    raise
+                except SourceError as exc:
+                    raise RangeFailed(ranges[index], str(exc)) from exc
+                done[index] = ([], here)
+            todo.put(None)  # the helpers' "no more" this process took
+            while len(done) < len(ranges):
                 collect(wait=1.0)
-                for index, proc in procs.items():
-                    if index not in done and not proc.is_alive():
-                        collect()  # its last words, if it had time to say them
-                        if index not in done:
-                            raise SourceError(f"a planning process died (exit code {proc.exitcode})")
+                if len(done) < len(ranges) and not any(proc.is_alive() for proc in procs):
+                    collect()  # their last words, if they had time to say them
+                    if len(done) < len(ranges):
+                        codes = ", ".join(str(proc.exitcode) for proc in procs)
+                        raise SourceError(f"a planning process died (exit codes {codes})")
                 if progress:
                     progress(result.counts)
         finally:
-            for proc in procs.values():
-                if proc.is_alive():
+            for proc in procs:
+                if proc.is_alive() and len(done) < len(ranges):
                     proc.terminate()
                 proc.join()
         for index in sorted(done):
             preview, range_newest = done[index]
-            result.preview.extend(preview[: PREVIEW - len(result.preview)])
+            result.preview.extend(preview[: max(0, PREVIEW - len(result.preview))])
             newest = later_of(newest, range_newest)
         return newest
 
@@ -432,9 +442,17 @@ class Planner:
         self.rt.store.register_fields(found)
 
 
+class RangeFailed(SourceError):
+    """Planning one key range of a full run failed (in this process or another)."""
+
+    def __init__(self, key_range: tuple[Any, Any], reason: str) -> None:
+        first, upto = key_range
+        super().__init__(f"planning the keys after {first!r} up to {upto!r} failed: {reason}")
+
+
 @dataclass(frozen=True)
 class RangeJob:
-    """One key range of a full run, planned in a process of its own (see Planner._plan_in_parallel)."""
+    """A full run's key ranges, planned by processes of their own (see Planner._plan_in_parallel)."""
 
     settings: Settings
     mapping: Mapping
@@ -442,14 +460,16 @@ class RangeJob:
     run_id: str
     queue: Queue
     force: bool
-    start_after: Any
-    stop_at: Any
-    index: int
+    ranges: list[tuple[Any, Any]]  # (start_after, stop_at) of each
     log_level: int = logging.WARNING
 
 
-def plan_range(job: RangeJob, events: Any) -> None:
-    """Plan `job`'s range; report counts after each page, then ("done", preview, newest) or the error."""
+def plan_ranges(job: RangeJob, todo: Any, events: Any) -> None:
+    """Plan the ranges taken from `todo` until it says no more (None).
+
+    Reports the counts after each page, ("done", index, (preview, newest)) after each range,
+    or ("failed", index, reason) and stops.
+    """
     from .logs import configure_logging  # in the new process
     from .runtime import Runtime
     from .source.reader import source_engine
@@ -458,24 +478,33 @@ def plan_range(job: RangeJob, events: Any) -> None:
     configure_logging(
         json=fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()), level=logging.getLevelName(job.log_level)
     )
+    index = -1
     try:
         rt = Runtime(job.settings)
         reader = SourceReader(source_engine(str(job.settings.source_url)), job.mapping, job.settings.batch_size)
         planner = Planner(rt, job.mapping, reader, job.enqueue)
         planner.queue = job.queue
-        result = PlanResult("full", job.run_id)
         registry = rt.store.field_ids()
-        reported: Counter[str] = Counter()
-
-        def report() -> None:
-            events.put(("counts", job.index, result.counts - reported))
-            reported.update(result.counts - reported)
-
-        pages = reader.raw_pages(start_after=job.start_after, stop_at=job.stop_at)
-        newest = planner._plan_pages(
-            pages, result, registry, force=job.force, dry_run=False, progress=None, between_pages=report
-        )
-        events.put(("done", job.index, (result.preview, newest)))
+        while (index := todo.get()) is not None:
+            events.put(("done", index, _plan_range(planner, job, index, registry, events)))
     except Exception as exc:  # reported to the planning process, which fails the run
-        log.exception("planning keys after %r failed", job.start_after)
-        events.put(("failed", job.index, f"{type(exc).__name__}: {exc}"))
+        log.exception("planning key range %d failed", index)
+        events.put(("failed", index, f"{type(exc).__name__}: {exc}"))
+
+
+def _plan_range(planner: Planner, job: RangeJob, index: int, registry: dict[str, str], events: Any) -> tuple[Any, Any]:
+    """Plan range `index` of `job`, its counts reported after each page; returns (preview, newest)."""
+    result = PlanResult("full", job.run_id)
+    reported: Counter[str] = Counter()
+
+    def report() -> None:
+        events.put(("counts", index, result.counts - reported))
+        reported.update(result.counts - reported)
+
+    start_after, stop_at = job.ranges[index]
+    pages = planner.reader.raw_pages(start_after=start_after, stop_at=stop_at)
+    newest = planner._plan_pages(
+        pages, result, registry, force=job.force, dry_run=False, progress=None, between_pages=report
+    )
+    report()
+    return result.preview, newest

@@ -193,10 +193,12 @@ class SourceReader:
                 total = conn.execute(sa.select(sa.func.count()).select_from(keyed.subquery())).scalar() or 0
                 if parts < 2 or total < parts * min_rows:
                     return []
-                return [
-                    conn.execute(keyed.order_by(key_col).limit(1).offset(total * i // parts)).scalar()
-                    for i in range(1, parts)
-                ]
+                splits: list[Any] = []
+                for i in range(1, parts):  # each from the one before: the index is walked once
+                    after = keyed.where(key_col > splits[-1]) if splits else keyed
+                    step = total * i // parts - total * (i - 1) // parts - (1 if splits else 0)
+                    splits.append(conn.execute(after.order_by(key_col).limit(1).offset(step)).scalar())
+                return splits
             except sa.exc.SQLAlchemyError as exc:
                 raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
 
