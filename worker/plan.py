@@ -219,8 +219,8 @@ class Planner:
         helpers = self.rt.settings.plan_processes - 1
         for index in range(len(ranges)):
             todo.put(index)
-        for _ in range(helpers):
-            todo.put(None)  # one "no more" each, after every range
+        for _ in range(helpers + 1):
+            todo.put(None)  # one "no more" for each process, this one included, after every range
         queue = queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind)
         job = RangeJob(
             self.rt.settings,
@@ -268,7 +268,6 @@ class Planner:
                 except SourceError as exc:
                     raise RangeFailed(ranges[index], str(exc)) from exc
                 done[index] = ([], here)
-            todo.put(None)  # the helpers' "no more" this process took
             while len(done) < len(ranges):
                 collect(wait=1.0)
                 if len(done) < len(ranges) and not any(proc.is_alive() for proc in procs):
