@@ -330,8 +330,14 @@ class Planner:
                 # Unchanged, or dead-lettered as it stands: only a change or a replay resends it.
                 counts["unchanged"] += 1
                 fingerprint = page.fingerprints.get(contact.key)
-                if not parts and synced and synced.status == "synced" and fingerprint != synced.fingerprint:
-                    refreshed.append((contact.key, fingerprint, contact.hashes))  # type: ignore[arg-type]
+                if (
+                    fingerprint
+                    and not parts
+                    and synced
+                    and synced.status == "synced"
+                    and fingerprint != synced.fingerprint
+                ):
+                    refreshed.append((contact.key, fingerprint, contact.hashes))
                 continue
             counts["new" if synced is None else "changed"] += 1
             counts.update(f"part_{p}" for p in parts)
