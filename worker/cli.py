@@ -532,14 +532,14 @@ def setup_logging(level: str) -> None:
     CRMSYNC_LOG_FORMAT chooses; `auto` writes JSON unless stderr is a terminal, so that services
     (systemd, Docker, a log file) get lines a machine parses and a person at a prompt reads them.
     """
-    from .logs import configure_logging
+    from .logs import configure_logging, wants_json
     from .settings import load_settings
 
     try:
         fmt = load_settings().log_format
     except ConfigError:
         fmt = "auto"  # the command reports the bad setting itself
-    configure_logging(json=fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()), level=level)
+    configure_logging(json=wants_json(fmt), level=level)
 
 
 def started() -> None:

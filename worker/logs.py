@@ -124,6 +124,11 @@ def add_secrets(*secrets: str | None) -> None:
     _REDACTOR.add(*secrets)
 
 
+def wants_json(log_format: str) -> bool:
+    """CRMSYNC_LOG_FORMAT's choice: `auto` writes JSON unless stderr is a terminal."""
+    return log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+
+
 def configure_logging(
     json: bool,
     level: str = "INFO",

@@ -13,7 +13,6 @@ import logging
 import multiprocessing
 import pickle
 import queue as queue_module
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -221,7 +220,7 @@ class Planner:
             todo.put(index)
         for _ in range(helpers + 1):
             todo.put(None)  # one "no more" for each process, this one included, after every range
-        queue = queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind)
+        queue = self._queue(result)
         job = RangeJob(
             self.rt.settings,
             self.mapping,
@@ -356,8 +355,7 @@ class Planner:
             self._ensure_fields(planned, registry)
             update_only = settings.sync_mode == "update-only"
             tickets = self.mapping.tickets is not None
-            # A run that reads every contact is bulk work, whatever its kind: fresh changes go first.
-            queue = self.queue or (queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind))
+            queue = self.queue or self._queue(result)
             # In growing chunks, so that workers start on the first tasks while the rest are published.
             start, size = 0, result.chunk
             while start < len(planned):
@@ -382,6 +380,11 @@ class Planner:
         if raw.max_updated is not None and result.kind == "incremental":
             # Pages come in updated_at order: all before this point is durably planned.
             self.rt.store.advance_cursor(raw.max_updated)
+
+    @staticmethod
+    def _queue(result: PlanResult) -> Queue:
+        """A run that reads every contact is bulk work, whatever its kind: fresh changes go first."""
+        return queue_for("full") if result.counts["mapping_changed"] else queue_for(result.kind)
 
     def _verdict(self, state: dict[str, PartHashes], *, force: bool) -> Verdict:
         """Which rows need no building: the ones whose contact is known not to be sent.
@@ -475,14 +478,11 @@ def plan_ranges(job: RangeJob, todo: Any, events: Any) -> None:
     Reports the counts after each page, ("done", index, (preview, newest)) after each range,
     or ("failed", index, reason) and stops.
     """
-    from .logs import configure_logging  # in the new process
+    from .logs import configure_logging, wants_json  # in the new process
     from .runtime import Runtime
     from .source.reader import source_engine
 
-    fmt = job.settings.log_format
-    configure_logging(
-        json=fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()), level=logging.getLevelName(job.log_level)
-    )
+    configure_logging(json=wants_json(job.settings.log_format), level=logging.getLevelName(job.log_level))
     index = -1
     try:
         rt = Runtime(job.settings)
