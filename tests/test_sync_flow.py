@@ -126,6 +126,23 @@ def test_an_unchanged_rerun_builds_no_contact(harness: Harness, sandbox: Sandbox
     assert result["counts"]["unchanged"] == 30 and builds == []
 
 
+def test_a_first_full_sync_looks_no_customer_up_and_the_next_one_does(harness: Harness, sandbox: Sandbox) -> None:
+    lookups: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("SELECT customer_sync_state.provided_unique_id, customer_sync_state.profile_hash"):
+            lookups.append(statement)
+
+    sa.event.listen(harness.rt.store.engine, "before_cursor_execute", seen)
+    first = harness.plan()
+    assert lookups == [] and first["counts"]["new"] == 30  # an empty state DB: nothing to look up
+    harness.drain()  # each task looks its customer up before it calls
+    assert len(lookups) == 30 and len(sandbox.customers()) == 30
+    lookups.clear()
+    second = harness.plan()
+    assert len(lookups) == 5 and second["counts"]["unchanged"] == 30  # one lookup a page of 7
+
+
 def test_a_tag_added_without_touching_updated_at_is_found_by_the_full_sync(
     harness: Harness, sandbox: Sandbox, builds: list[str]
 ) -> None:

@@ -65,18 +65,18 @@ class Contact:
     def to_payload(self) -> dict[str, Any]:
         """JSON-ready dict for a task message.
 
-        The same dict as ``dataclasses.asdict``, built directly: every value inside the parts
-        is a JSON primitive, so copying each part one level deep copies it whole (and asdict's
-        recursive deep copy was the planner's largest cost over a million contacts).
+        The same dict as ``dataclasses.asdict``, built directly, sharing the parts rather than
+        copying them: a message is serialised once built, and nothing changes a contact's parts
+        after building it (``with_tag`` makes a new contact). Copying took 6% of a first plan.
         """
         return {
             "key": self.key,
             "version": self.version,
             "deleted": self.deleted,
-            "profile": dict(self.profile),
-            "tags": list(self.tags),
-            "fields": dict(self.fields),
-            "hashes": dict(self.hashes),
+            "profile": self.profile,
+            "tags": self.tags,
+            "fields": self.fields,
+            "hashes": self.hashes,
         }
 
     @classmethod

@@ -94,6 +94,10 @@ class Planner:
         self.enqueue = enqueue
         self.enqueue_tickets = enqueue_tickets
         self.queue: Queue | None = None  # set: every task goes there (a key range of a full run)
+        # True while a full read runs over a state DB that held no customer when it began (a first
+        # sync): no page has anything to look up. Only this run's own tasks add state rows then,
+        # for keys it has read already, and each task checks the state again before it calls.
+        self.state_was_empty = False
 
     def plan(
         self,
@@ -130,6 +134,7 @@ class Planner:
         # A full read goes in key order: a row changed while it runs may be on a page already read.
         # The watermark stops at the newest row that existed when it began (the signpost).
         signpost = self.reader.max_updated() if full_read else None
+        self.state_was_empty = full_read and not store.has_customers()
         try:
             splits = self._key_splits() if full_read else []
             if splits:
@@ -229,7 +234,8 @@ class Planner:
             queue,
             force,
             ranges,
-            logging.getLogger().getEffectiveLevel(),
+            state_was_empty=self.state_was_empty,
+            log_level=logging.getLogger().getEffectiveLevel(),
         )
         procs = [
             context.Process(target=plan_ranges, args=(job, todo, events), name=f"crmsync-plan-{i}", daemon=True)
@@ -307,7 +313,11 @@ class Planner:
         counts = result.counts
         settings = self.rt.settings
         key_column = self.mapping.source.key
-        state = self.rt.store.lookup({key_text(r[key_column]) for r in raw.rows if r.get(key_column) is not None})
+        state = (
+            {}
+            if self.state_was_empty
+            else self.rt.store.lookup({key_text(r[key_column]) for r in raw.rows if r.get(key_column) is not None})
+        )
         page = self.reader.build_page(raw, self._verdict(state, force=force))
         counts["read"] += len(page)
         counts["deleted"] += len(page.deleted)
@@ -469,6 +479,7 @@ class RangeJob:
     queue: Queue
     force: bool
     ranges: list[tuple[Any, Any]]  # (start_after, stop_at) of each
+    state_was_empty: bool = False  # see Planner.state_was_empty
     log_level: int = logging.WARNING
 
 
@@ -489,6 +500,7 @@ def plan_ranges(job: RangeJob, todo: Any, events: Any) -> None:
         reader = SourceReader(source_engine(str(job.settings.source_url)), job.mapping, job.settings.batch_size)
         planner = Planner(rt, job.mapping, reader, job.enqueue)
         planner.queue = job.queue
+        planner.state_was_empty = job.state_was_empty
         registry = rt.store.field_ids()
         while (index := todo.get()) is not None:
             events.put(("done", index, _plan_range(planner, job, index, registry, events)))

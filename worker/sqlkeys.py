@@ -1,4 +1,5 @@
-"""One SQL condition for "this column is one of these keys", as cheap as each dialect allows."""
+"""Lists of keys in SQL: one condition for "this column is one of these keys", as cheap as
+each dialect allows, and PostgreSQL arrays sent in the cheap format."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 # On PostgreSQL, `col IN (:k1, ..., :k1000)` sends a thousand parameters and plans a thousand-item
 # list on every page; `col = ANY(:keys)` sends one array (measured 5.7 ms against 3.4 ms a page).
@@ -20,3 +22,24 @@ def one_of(column: Any, keys: Sequence[Any], dialect: str) -> Any:
 
         return column == sa.any_(sa.bindparam(None, list(keys), type_=ARRAY(_ARRAY_TYPES[kind]())))
     return column.in_(list(keys))
+
+
+def binary_arrays(engine: Engine) -> Engine:
+    """Have psycopg send Python lists to PostgreSQL as binary arrays; other engines are untouched.
+
+    psycopg's default for a list is a text array, each element quoted and escaped in Python:
+    1.5 ms for the 2,000 keys and versions of a page marked queued, against 0.3 ms in binary,
+    and the planner sends four such lists a page (lookup, side rows, state upsert). Every array
+    crmsync binds carries its SQL type (`::TEXT[]`, `::VARCHAR(255)[]`), so the format changes
+    no comparison.
+    """
+    if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
+        sa.event.listen(engine, "connect", _register_binary_lists)
+    return engine
+
+
+def _register_binary_lists(dbapi_connection: Any, _record: Any) -> None:
+    from psycopg.types.array import ListBinaryDumper
+
+    # Registered last, it is what psycopg picks for a list under the automatic `%s` placeholder.
+    dbapi_connection.adapters.register_dumper(list, ListBinaryDumper)

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 
 from ..contact import CANONICAL_FORM, Contact, build_contact, is_deleted, key_text
 from ..errors import InvalidRecord, SourceError
-from ..sqlkeys import one_of
+from ..sqlkeys import binary_arrays, one_of
 from .mapping import Mapping, TicketsSpec
 
 
@@ -479,6 +479,7 @@ def source_engine(url: str) -> Engine:
         )
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise SourceError(f"CRMSYNC_SOURCE_URL is not a usable database URL: {exc}") from None
+    binary_arrays(engine)
     if engine.dialect.name in ("mysql", "mariadb"):
         # MySQL and MariaDB return TIMESTAMP columns in the session's time zone, without saying
         # which: in UTC they are what crmsync takes naive times to be, and no summer time moves them.

@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import ConfigError
+from ..sqlkeys import binary_arrays
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -36,7 +37,7 @@ def state_engine(url: str, **options: Any) -> Engine:
         options.setdefault("pool_pre_ping", True)
         if "poolclass" not in options:
             options.update(pool_size=10, max_overflow=20)
-        return sa.create_engine(url, **options)
+        return binary_arrays(sa.create_engine(url, **options))
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise ConfigError(f"setting CRMSYNC_STATE_URL: not a usable database URL ({exc})") from None
 

@@ -246,6 +246,11 @@ class StateStore:
                     out[row[0]] = PartHashes(*row[1:])
         return out
 
+    def has_customers(self) -> bool:
+        """Whether any customer has a state row (none before a first full sync)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(STATE.c.provided_unique_id).limit(1)).first() is not None
+
     def mark_queued(self, run_id: str, planned: Sequence[tuple[str, str | None]]) -> None:
         """Mark (key, version) pairs queued by `run_id`, keeping what was synced before."""
         now = utcnow()
