@@ -16,7 +16,7 @@ import respx
 
 from tests.conftest import SUBCOMPANY, TOKEN, Sandbox
 from worker.errors import AuthError, PermanentError, ProtoError, RateLimited, RetryableError
-from worker.proto import CustomField, LocalLimiter, ProtoClient, RetryPolicy
+from worker.proto import Breaker, CustomField, LocalLimiter, ProtoClient, RetryPolicy
 from worker.proto._client import MAX_BODY_CHARS
 
 FAST = RetryPolicy(initial_backoff=0.01, max_backoff=0.05)
@@ -292,7 +292,9 @@ class RecordingLimiter:
         self.acquired = 0
         self.pauses: list[float] = []
 
-    def acquire(self) -> None:
+    def acquire(self, breaker: Breaker | None = None) -> None:
+        if breaker is not None:
+            breaker.before_call()
         self.acquired += 1
 
     def pause(self, seconds: float) -> None:

@@ -132,9 +132,8 @@ class ProtoClient:
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     def _send(self, route: str, method: str, url: str, body: Any, params: dict[str, str] | None) -> Any:
-        # Held calls take no rate-limit slot: the breaker goes first.
-        self._breaker.before_call()
-        self._limiter.acquire()
+        # Held calls take no rate-limit slot: the limiter asks the breaker first.
+        self._limiter.acquire(self._breaker)
         try:
             # Timed on the wire alone (the limiter's wait is not the API's latency), every try counted.
             with timed_call(route):

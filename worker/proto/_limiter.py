@@ -7,6 +7,10 @@ sleeps until it, so waiting callers are served in order with no polling, and a 4
 A caller that slept to a slot booked before a pause began does not send: it books again,
 after the pause. So a 429 holds the requests already booked as well as the later ones.
 
+`acquire(breaker)` asks the circuit breaker first: a call it holds takes no slot. When both
+live in the same Redis, one script does both, so a call costs one round trip to be booked
+(and one more, a GET, if it had to sleep).
+
 `RedisLimiter` shares one schedule among every process on every host. A Lua script is used
 rather than a library: pyrate-limiter and limits answer "allowed now or not", which makes
 waiters poll and bunch up at window edges; GCRA with a reservation tells each caller exactly
@@ -21,13 +25,17 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import RetryableError
+from ._breaker import HOLD_CHECK, Breaker, RedisBreaker
 
 
 class Limiter(Protocol):
     """What the client needs of a rate limiter."""
 
-    def acquire(self) -> None:
-        """Block until the caller may send one request."""
+    def acquire(self, breaker: Breaker | None = None) -> None:
+        """Block until the caller may send one request.
+
+        `breaker` is asked first: a call it holds raises CircuitOpen and takes no slot.
+        """
 
     def pause(self, seconds: float) -> None:
         """Send nothing for `seconds` (a 429's Retry-After), in every process sharing the limiter."""
@@ -52,8 +60,10 @@ class LocalLimiter:
         self._paused_until = 0.0
         self._lock = threading.Lock()
 
-    def acquire(self) -> None:
-        """Book the next slot and sleep until it; book again if a pause began meanwhile."""
+    def acquire(self, breaker: Breaker | None = None) -> None:
+        """Ask `breaker`, book the next slot and sleep until it; book again if a pause began meanwhile."""
+        if breaker is not None:
+            breaker.before_call()
         while True:
             with self._lock:
                 now = self._clock()
@@ -73,7 +83,15 @@ class LocalLimiter:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
 
 
-_GCRA = """
+# KEYS: tat, paused[, the breaker's hold_keys]; ARGV: interval, burst[, the breaker's probe_ms].
+# With the breaker's keys, a call it holds books nothing: the answer is {ms to its next probe}.
+_GCRA = (
+    HOLD_CHECK
+    + """
+if KEYS[3] then
+  local held = breaker_holds(KEYS[3], KEYS[4], ARGV[3])
+  if held then return {held} end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local interval = tonumber(ARGV[1])
@@ -85,6 +103,7 @@ local new_tat = math.max(tat, slot) + interval
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
 return {tostring(slot - now), tostring(paused)}
 """
+)
 
 _PAUSE = """
 local t = redis.call('TIME')
@@ -111,14 +130,28 @@ class RedisLimiter:
         self._gcra = redis_client.register_script(_GCRA)
         self._pause = redis_client.register_script(_PAUSE)
 
-    def acquire(self) -> None:
-        """Book the next shared slot and sleep until it; book again if a pause began meanwhile.
+    def acquire(self, breaker: Breaker | None = None) -> None:
+        """Ask `breaker`, book the next shared slot and sleep until it; book again if a pause began meanwhile.
 
-        The check after the sleep costs one GET, and only to callers that slept.
+        A RedisBreaker on the same Redis client is asked in the booking's script (one round trip
+        for both); any other breaker by itself, first. The check after the sleep costs one GET,
+        and only to callers that slept.
         """
+        shared = breaker if isinstance(breaker, RedisBreaker) and breaker.redis is self._redis else None
+        keys: list[str] = self._keys
+        args: list[Any] = [self.interval, self.burst]
+        if shared is not None:
+            keys, args = [*keys, *shared.hold_keys], [*args, shared.probe_ms]
+        elif breaker is not None:
+            breaker.before_call()
         try:
             while True:
-                wait, paused = self._gcra(keys=self._keys, args=[self.interval, self.burst])
+                booked = self._gcra(keys=keys, args=args)
+                if shared is not None and len(booked) == 1:  # held by the breaker: no slot was booked
+                    raise shared.held(int(booked[0]))
+                wait, paused = booked
+                # The breaker was asked once: a caller booking again after a pause may be its probe.
+                keys, args = self._keys, args[:2]
                 if float(wait) <= 0:
                     return
                 time.sleep(float(wait))
