@@ -252,10 +252,10 @@ class SourceReader:
                 query = query.where(key_col > after[1])
             if stop_at is not None:
                 query = query.where(key_col <= stop_at)
-            rows = self._rows(query)
+            page = self._read_page(query)
+            rows = page.rows
             if not rows and key_chunks is None:
                 break
-            page = self._raw_page(rows)
             if rows:
                 last = rows[-1]
                 after = (last.get(src.updated_at) if src.updated_at else None, last[src.key])
@@ -273,31 +273,35 @@ class SourceReader:
             upd_col = table.c[self.mapping.source.updated_at]  # type: ignore[index]
             query = query.where(upd_col >= self._since_bound(since)).order_by(upd_col)
         offset = 0
-        while rows := self._rows(query.limit(self.batch_size).offset(offset)):
-            yield self._raw_page(rows)
-            if len(rows) < self.batch_size:
+        while (page := self._read_page(query.limit(self.batch_size).offset(offset))).rows:
+            yield page
+            if len(page.rows) < self.batch_size:
                 return
-            offset += len(rows)
+            offset += len(page.rows)
 
-    def _rows(self, query: sa.Select[Any]) -> list[dict[str, Any]]:
+    def _read_page(self, query: sa.Select[Any]) -> RawPage:
+        """The rows of `query` and their side rows, on one connection (one checkout a page)."""
         with self._connect() as conn:
             try:
                 result = conn.execute(query)
                 names = list(result.keys())
                 # fetchall: iterating a result fetches row by row, twice the cost per row.
-                return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+                rows = [dict(zip(names, row, strict=True)) for row in result.fetchall()]
             except sa.exc.SQLAlchemyError as exc:
                 raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
+            return self._raw_page(conn, rows)
 
-    def _raw_page(self, rows: list[dict[str, Any]]) -> RawPage:
+    def _raw_page(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> RawPage:
         src = self.mapping.source
         raw_keys = [r[src.key] for r in rows if r.get(src.key) is not None]
         tags = (
-            self._side_rows(self.mapping.tags.query, raw_keys) if self.mapping.tags and self.mapping.tags.query else {}
+            self._side_rows(conn, self.mapping.tags.query, raw_keys)
+            if self.mapping.tags and self.mapping.tags.query
+            else {}
         )
         fields: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         for query in self.mapping.field_queries:
-            for k, vals in self._side_rows(query, raw_keys).items():
+            for k, vals in self._side_rows(conn, query, raw_keys).items():
                 fields[k].extend(vals)
         page = RawPage(rows, tags, fields)
         if src.updated_at:
@@ -382,7 +386,7 @@ class SourceReader:
                 return
             after = rows[-1][0]
 
-    def _side_rows(self, sql: str, raw_keys: list[Any]) -> dict[str, list[tuple[Any, ...]]]:
+    def _side_rows(self, conn: sa.Connection, sql: str, raw_keys: list[Any]) -> dict[str, list[tuple[Any, ...]]]:
         """Rows of a `(key, ...)` query for the given keys, grouped by key text."""
         if not raw_keys:
             return {}
@@ -392,12 +396,11 @@ class SourceReader:
         side = sa.text(sql).columns(*[sa.column(n) for n in names]).subquery("side")
         query = sa.select(*side.c).where(one_of(side.c[names[0]], raw_keys, self.engine.dialect.name))
         out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
-        with self._connect() as conn:
-            try:
-                for row in conn.execute(query):
-                    out[str(row[0])].append(tuple(row[1:]))
-            except sa.exc.SQLAlchemyError as exc:
-                raise SourceError(f"a tag or custom-field query failed: {_reason(exc)}") from None
+        try:
+            for row in conn.execute(query).fetchall():
+                out[str(row[0])].append(tuple(row[1:]))
+        except sa.exc.SQLAlchemyError as exc:
+            raise SourceError(f"a tag or custom-field query failed: {_reason(exc)}") from None
         return out
 
     def _connect(self) -> sa.Connection:
