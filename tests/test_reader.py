@@ -450,6 +450,38 @@ def test_a_null_key_and_a_duplicated_key_become_invalid_rows_and_the_rest_of_the
     assert sum(len(p) for p in pages) == 10
 
 
+def duplicates(pages: list[Page]) -> list[tuple[str | None, str]]:
+    return [(r.key, r.row["email"]) for p in pages for r in p.invalid if r.error.code == "duplicate_key"]
+
+
+def test_a_key_duplicated_across_a_page_boundary_is_flagged_not_skipped(engine: sa.Engine) -> None:
+    rows = [person(i, i) for i in range(1, 8)]
+    rows.append(person(2, 20, email="second2@example.com"))  # pages of 2: [1, 2] [2, 3] ...
+    rows += [person(5, 50 + n, email=f"copy{n}of5@example.com") for n in range(4)]  # 5 on three pages
+    setup_contacts(engine, rows)
+
+    pages = list(make_reader(engine, batch_size=2).pages())
+
+    assert keys(pages) == [str(i) for i in range(1, 8)]  # each key built once, none skipped
+    found = duplicates(pages)
+    assert sorted(k for k, _ in found) == ["2", "5", "5", "5", "5"]  # every copy beyond the first
+    assert sum(len(p) for p in pages) == len(rows)  # every row read exactly once
+
+
+def test_a_key_duplicated_at_one_updated_at_across_a_page_boundary_is_flagged_in_an_incremental_read(
+    engine: sa.Engine,
+) -> None:
+    rows = [person(i, i) for i in range(1, 6)]
+    rows.append(person(2, 2, email="second2@example.com"))  # same key, same updated_at as key 2
+    setup_contacts(engine, rows)
+
+    pages = list(make_reader(engine, batch_size=2).pages(since=T0))
+
+    assert keys(pages) == [str(i) for i in range(1, 6)]
+    assert [k for k, _ in duplicates(pages)] == ["2"]
+    assert sum(len(p) for p in pages) == len(rows)
+
+
 def test_null_keys_at_a_page_boundary_do_not_stop_the_read(engine: sa.Engine) -> None:
     rows = [person(None, 100 + n) for n in range(5)]
     rows += [person(i, i) for i in range(1, 21)]

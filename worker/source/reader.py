@@ -47,6 +47,7 @@ class RawPage:
     fields: dict[str, list[tuple[Any, ...]]]
     last: tuple[Any, Any] | None = None
     max_updated: Any = None
+    keys_before: set[str] = field(default_factory=set)  # keys (as text) read on the page before
 
 
 @dataclass
@@ -228,6 +229,14 @@ class SourceReader:
         else:
             order = [key_col]
         after: tuple[Any, Any] | None = None if start_after is None else (None, start_after)
+
+        def position(row: dict[str, Any]) -> tuple[Any, Any]:
+            return (row.get(src.updated_at) if since is not None else None, row[src.key])  # type: ignore[arg-type]
+
+        # Rows at `after` already read. The next page starts at `after` itself, not past it, and
+        # drops them: a key the source holds twice is then never hidden by a page boundary (it
+        # is read, and flagged as a duplicate) rather than skipped without a word.
+        again = 0
         key_chunks = (
             [list(keys[i : i + self.batch_size]) for i in range(0, len(keys), self.batch_size)]
             if keys is not None
@@ -235,33 +244,42 @@ class SourceReader:
         )
         while True:
             # Rows without a key have no keyset position: they are read apart, after the others.
-            query = sa.select(table).where(key_col.is_not(None)).order_by(*order).limit(self.batch_size)
+            limit = self.batch_size + again
+            query = sa.select(table).where(key_col.is_not(None)).order_by(*order).limit(limit)
             if key_chunks is not None:
                 if not key_chunks:
                     return
                 # Keys come as text (provided_unique_ids): compare as text, whatever the column type.
                 wanted = [str(k) for k in key_chunks.pop(0)]
                 query = sa.select(table).where(sa.cast(key_col, sa.String(255)).in_(wanted)).order_by(key_col)
-            elif since is not None:
-                upd_col = table.c[src.updated_at]  # type: ignore[index]
-                if after is None:
-                    query = query.where(upd_col >= self._since_bound(since))
-                else:
-                    query = query.where(sa.or_(upd_col > after[0], sa.and_(upd_col == after[0], key_col > after[1])))
             elif after is not None:
-                query = query.where(key_col > after[1])
+                from_key = key_col >= after[1] if again else key_col > after[1]
+                if since is not None:
+                    upd_col = table.c[src.updated_at]  # type: ignore[index]
+                    query = query.where(sa.or_(upd_col > after[0], sa.and_(upd_col == after[0], from_key)))
+                else:
+                    query = query.where(from_key)
+            elif since is not None:
+                query = query.where(table.c[src.updated_at] >= self._since_bound(since))  # type: ignore[index]
             if stop_at is not None:
                 query = query.where(key_col <= stop_at)
             page = self._read_page(query)
-            rows = page.rows
+            fetched = page.rows
+            skip = 0
+            while skip < min(again, len(fetched)) and position(fetched[skip]) == after:
+                skip += 1
+            rows = page.rows = fetched[skip:]
             if not rows and key_chunks is None:
                 break
+            if rows and position(rows[0]) == after:  # more rows where the last page ended: duplicates
+                page.keys_before.add(str(after[1]))
             if rows:
-                last = rows[-1]
-                after = (last.get(src.updated_at) if src.updated_at else None, last[src.key])
-                page.last = after
+                last = position(rows[-1])
+                tail = next((i for i, r in enumerate(reversed(rows)) if position(r) != last), len(rows))
+                again = tail + skip if tail == len(rows) and last == after else tail
+                after = page.last = last
             yield page
-            if key_chunks is None and len(rows) < self.batch_size:
+            if key_chunks is None and len(fetched) < limit:
                 break
         if start_after is None:
             yield from self._keyless_pages(table, key_col, since)
@@ -321,7 +339,7 @@ class SourceReader:
         src = self.mapping.source
         page = Page(last=raw.last, max_updated=raw.max_updated)
         no_side: list[tuple[Any, ...]] = []
-        seen: set[str] = set()
+        seen = set(raw.keys_before)  # a key read on the page before is a duplicate here too
         for row in raw.rows:
             raw_key = row.get(src.key)
             skey = None if raw_key is None else str(raw_key)
