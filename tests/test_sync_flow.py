@@ -316,7 +316,8 @@ def test_replay_after_the_crm_row_is_fixed_syncs_it(harness: Harness, sandbox: S
     assert harness.rt.store.dead_letters(state="resolved")[0]["provided_unique_id"] == "C00011"
 
 
-def test_invalid_rows_are_dead_lettered_before_any_call(sandbox: Sandbox, sqlite_state: str, tmp_path: Path) -> None:
+def _harness_with_two_bad_rows(sandbox: Sandbox, state_url: str, tmp_path: Path) -> Harness:
+    """Five contacts, one with a NULL key and one with text in a number field."""
     crm = f"sqlite:///{tmp_path / 'crm.db'}"
     make_crm(crm, 5)
     engine = sa.create_engine(crm)
@@ -327,18 +328,35 @@ def test_invalid_rows_are_dead_lettered_before_any_call(sandbox: Sandbox, sqlite
     mapping = write_mapping(tmp_path, MAPPING.replace("table: contacts", "table: loose"))
     settings = Settings(
         source_url=crm,
-        state_url=sqlite_state,
+        state_url=state_url,
         mapping=mapping,
         proto_base_url=sandbox.base_url,
         proto_subcompany_id=SUBCOMPANY,
         proto_token=TOKEN,
         rate_limit=1000,
     )
-    h = Harness(Runtime(settings))
+    return Harness(Runtime(settings))
+
+
+def test_invalid_rows_are_dead_lettered_before_any_call(sandbox: Sandbox, sqlite_state: str, tmp_path: Path) -> None:
+    h = _harness_with_two_bad_rows(sandbox, sqlite_state, tmp_path)
     result = h.sync()
     assert result["counts"]["invalid"] == 2 and len(sandbox.customers()) == 3
     classes = sorted(d["error_class"] for d in h.rt.store.dead_letters())
     assert classes == ["InvalidRecord.field_type", "InvalidRecord.missing_key"]
+
+
+def test_a_bad_row_keeps_one_dead_letter_over_nightly_runs_even_without_a_key(
+    sandbox: Sandbox, state_url: str, tmp_path: Path
+) -> None:
+    h = _harness_with_two_bad_rows(sandbox, state_url, tmp_path)
+    for _ in range(3):
+        assert h.sync()["counts"]["invalid"] == 2
+    letters = h.rt.store.dead_letters()
+    assert sorted((d["error_class"], d["attempts"]) for d in letters) == [
+        ("InvalidRecord.field_type", 3),
+        ("InvalidRecord.missing_key", 3),
+    ]
 
 
 def _harness_with(sandbox: Sandbox, tmp_path: Path, **settings: Any) -> Harness:

@@ -526,15 +526,20 @@ class StateStore:
         """Record a contact that failed for good.
 
         An open letter for the same key (dead, or replayed and failing again) is updated and
-        back to dead, so a contact has at most one letter in front of an operator.
+        back to dead, so a contact has at most one letter in front of an operator. A row without
+        a key has no identity but its content: its letter is the open one of the same class
+        holding the same payload, so each nightly run does not add another.
         """
         now = utcnow()
         with self._begin() as conn:
-            existing = None
+            open_letters = sa.select(DEAD.c.id).where(DEAD.c.state.in_(["dead", "replayed"]))
             if key is not None:
-                existing = conn.execute(
-                    sa.select(DEAD.c.id).where(DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"]))
-                ).scalar()
+                existing = conn.execute(open_letters.where(DEAD.c.provided_unique_id == key)).scalar()
+            else:
+                keyless = open_letters.add_columns(DEAD.c.payload).where(
+                    DEAD.c.provided_unique_id.is_(None), DEAD.c.error_class == error_class
+                )
+                existing = next((i for i, held in conn.execute(keyless) if held == payload), None)
             values = {
                 "run_id": run_id,
                 "payload": payload,
