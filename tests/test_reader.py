@@ -9,6 +9,7 @@ import random
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -249,6 +250,26 @@ def test_tags_from_a_binary_column_are_decoded(engine: sa.Engine) -> None:
 
     assert by_key["1"].tags == ["vip", "été"]
     assert by_key["2"].tags == []
+
+
+def test_sqlite_text_that_is_not_utf8_refuses_its_row_and_reads_the_rest(tmp_path: Path) -> None:
+    # SQLite stores whatever bytes it is given as TEXT, and its driver then fails the whole query.
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'crm.db'}")
+    metadata = sa.MetaData()
+    table = contacts_table(metadata)
+    tags = sa.Table("contact_tags", metadata, sa.Column("contact_id", sa.Integer), sa.Column("tag_name", sa.Text))
+    create(engine, (table, [person(i, i) for i in range(1, 6)]), (tags, [{"contact_id": 1, "tag_name": "vip"}]))
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE contacts SET city = CAST(X'FF41' AS TEXT) WHERE id = 2"))
+        conn.execute(sa.text("INSERT INTO contact_tags VALUES (4, CAST(X'6361FE' AS TEXT))"))
+    mapping = MAPPING + "tags:\n  query: SELECT contact_id, tag_name FROM contact_tags\n"
+
+    pages = list(make_reader(engine, mapping).pages())
+
+    assert keys(pages) == ["1", "3", "5"] and contacts(pages)[0].tags == ["vip"]
+    bad = {r.key: (r.error.code, r.error.field) for p in pages for r in p.invalid}
+    assert bad == {"2": ("invalid_utf8", "customer.location"), "4": ("invalid_utf8", "tags")}
+    engine.dispose()
 
 
 def test_tags_come_from_a_delimited_column(engine: sa.Engine) -> None:

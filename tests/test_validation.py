@@ -88,6 +88,9 @@ BAD_ROWS: list[tuple[str, dict[str, Any], str, str]] = [
     ("unparseable date", {"since": "05/03/2024"}, "field_type", "since"),
     ("impossible date", {"since": "2024-02-30"}, "field_type", "since"),
     ("date holding words", {"since": "last spring"}, "field_type", "since"),
+    ("name that is not UTF-8 (bytes from the driver)", {"given": b"\xffAda"}, "invalid_utf8", "customer.name"),
+    ("tag that is not UTF-8", {"labels": b"vip;\xfe"}, "invalid_utf8", "tags"),
+    ("text field that is not UTF-8", {"note": b"caf\xe9"}, "invalid_utf8", "note"),
 ]
 
 

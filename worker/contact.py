@@ -34,7 +34,7 @@ PARTS = ("profile", "tags", "fields")
 # The version of the canonical form that build_contact gives. Raise it with any change to what
 # build_contact returns for a row: the planner's row fingerprints carry it, so that no row is
 # taken as unchanged on the strength of a contact built the old way.
-CANONICAL_FORM = 1
+CANONICAL_FORM = 2  # 2: bytes that are not UTF-8 are an invalid_utf8 error, not replaced
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -135,7 +135,7 @@ def unique_id(raw: Any) -> str:
     """The provided_unique_id of a key value, or InvalidRecord when it cannot be sent."""
     if raw is None:
         raise InvalidRecord("missing_key", "the key column is NULL", "source.key")
-    key = key_text(raw)
+    key = _decoded(raw, "source.key") if isinstance(raw, bytes) else str(raw)
     if not key.strip():
         raise InvalidRecord("missing_key", "the key column is empty", "source.key")
     if len(key) > MAX_UNIQUE_ID_LENGTH:
@@ -145,11 +145,21 @@ def unique_id(raw: Any) -> str:
     return key
 
 
-def _text(value: Any) -> str | None:
+def _decoded(value: bytes, field: str) -> str:
+    """Bytes from the driver (a BLOB, or SQLite text it could not decode) as UTF-8 text."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRecord(
+            "invalid_utf8", f"the value is not UTF-8 text (byte {exc.start}: {value[:40]!r})", field
+        ) from None
+
+
+def _text(value: Any, field: str = "") -> str | None:
     if value is None or type(value) is str:
         return value
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        return _decoded(value, field)
     if isinstance(value, Decimal) and value.is_finite():
         value = int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, float) and value.is_integer():
@@ -167,7 +177,7 @@ def _flag(value: Any) -> bool:
     """A CRM deleted flag: truthy, except the text of a false toggle ("0", "false", "no", "")."""
     if value is None or isinstance(value, bool):
         return bool(value)
-    text = (_text(value) or "").strip().lower()
+    text = (_text(value, "source.deleted") or "").strip().lower()
     return bool(text) and text not in _FALSE
 
 
@@ -176,7 +186,7 @@ def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, valu
     if value is None:
         return None
     if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
+        value = _decoded(value, name)
     if spec_type != "text" and isinstance(value, str) and not value.strip():
         return None  # an empty cell in a typed column means "no value", as NULL does
 
@@ -226,7 +236,7 @@ class _Recipe:
     key: str
     updated_at: str | None
     deleted: str | None
-    profile: tuple[tuple[str, str | tuple[str, ...]], ...]
+    profile: tuple[tuple[str, str | tuple[str, ...], str], ...]  # name, column(s), label in errors
     tag_column: str | None
     tag_separator: str
     column_fields: tuple[tuple[str, str, str, tuple[str, ...] | None], ...]  # name, column, type, options
@@ -238,7 +248,9 @@ class _Recipe:
             key=src.key,
             updated_at=src.updated_at,
             deleted=src.deleted,
-            profile=tuple((n, c if isinstance(c, str) else tuple(c)) for n, c in mapping.customer.items()),
+            profile=tuple(
+                (n, c if isinstance(c, str) else tuple(c), f"customer.{n}") for n, c in mapping.customer.items()
+            ),
             tag_column=mapping.tags.column if mapping.tags else None,
             tag_separator=mapping.tags.separator if mapping.tags else ",",
             column_fields=tuple(
@@ -272,18 +284,18 @@ def build_contact(
     recipe = _recipe(mapping)
     key = unique_id(row.get(recipe.key))
     profile: dict[str, Any] = {}
-    for name, cols in recipe.profile:
+    for name, cols, label in recipe.profile:
         if type(cols) is str:
-            value = _text(row.get(cols))
+            value = _text(row.get(cols), label)
             profile[name] = value if value and value.strip() else None  # an empty cell is no value
         else:
-            words = [t.strip() for t in (_text(row.get(c)) for c in cols) if t and t.strip()]
+            words = [t.strip() for t in (_text(row.get(c), label) for c in cols) if t and t.strip()]
             profile[name] = " ".join(words) or None
     _check_profile(profile)
     if recipe.tag_column:
-        raw = _text(row.get(recipe.tag_column)) or ""
+        raw = _text(row.get(recipe.tag_column), "tags") or ""
         tags = [t.strip() for t in raw.split(recipe.tag_separator)]
-    tag_list = sorted({t for t in ((_text(t) or "").strip() for t in tags or ()) if t})
+    tag_list = sorted({t for t in ((_text(t, "tags") or "").strip() for t in tags or ()) if t})
     if tag_list and (max(map(len, tag_list)) > MAX_TAG_LENGTH or CONTROL_CHARACTERS.search("".join(tag_list))):
         for tag in tag_list:
             if problem := tag_problem(tag):

@@ -301,12 +301,10 @@ class SourceReader:
         """The rows of `query` and their side rows, on one connection (one checkout a page)."""
         with self._connect() as conn:
             try:
-                result = conn.execute(query)
-                names = list(result.keys())
-                # fetchall: iterating a result fetches row by row, twice the cost per row.
-                rows = [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+                names, fetched = _fetch(conn, query)
             except sa.exc.SQLAlchemyError as exc:
                 raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
+            rows = [dict(zip(names, row, strict=True)) for row in fetched]
             return self._raw_page(conn, rows)
 
     def _raw_page(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> RawPage:
@@ -415,7 +413,7 @@ class SourceReader:
         query = sa.select(*side.c).where(one_of(side.c[names[0]], raw_keys, self.engine.dialect.name))
         out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         try:
-            for row in conn.execute(query).fetchall():
+            for row in _fetch(conn, query)[1]:
                 out[str(row[0])].append(tuple(row[1:]))
         except sa.exc.SQLAlchemyError as exc:
             raise SourceError(f"a tag or custom-field query failed: {_reason(exc)}") from None
@@ -426,6 +424,34 @@ class SourceReader:
             return self.engine.connect()
         except sa.exc.SQLAlchemyError as exc:
             raise SourceError(f"cannot connect to the source database: {_reason(exc)}") from None
+
+
+def _fetch(conn: sa.Connection, query: Any) -> tuple[list[str], Sequence[sa.Row[Any]]]:
+    """The column names and every row of `query` (fetchall: row by row costs twice as much).
+
+    SQLite fails a whole query over one text value that is not UTF-8; that query is read again
+    with such values as bytes, so that only their rows are refused (invalid_utf8), not the page.
+    """
+    try:
+        result = conn.execute(query)
+        return list(result.keys()), result.fetchall()
+    except sa.exc.OperationalError as exc:
+        if conn.dialect.name != "sqlite" or "decode to UTF-8" not in str(exc.orig):
+            raise
+    sqlite = conn.connection.dbapi_connection
+    sqlite.text_factory = _text_or_bytes  # type: ignore[union-attr]
+    try:
+        result = conn.execute(query)
+        return list(result.keys()), result.fetchall()
+    finally:
+        sqlite.text_factory = str  # type: ignore[union-attr]
+
+
+def _text_or_bytes(value: bytes) -> str | bytes:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
 
 
 def row_fingerprint(
