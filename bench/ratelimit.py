@@ -10,7 +10,9 @@ workers started and waited for (each log says "ready"); then, timed, `crmsync sy
 - end-to-end: successful (2xx) calls / wall time of the `sync` command, divided by the limit;
 - steady state: the sandbox's `requests_per_second` (requests between its first and last)
   times the share of them that succeeded, divided by the limit;
-- the share of 429s among all requests.
+- the share of 429s among all requests;
+- CPU per call: the CPU seconds the workers (together) and the sandbox spent during the timed
+  part, from /proc, divided by the API requests the sandbox saw.
 
 Beside them, in the same run, a naive client against its own fresh sandbox: a sequential loop
 of plain `httpx.put` calls (a new connection per call, no limiter, no retries) sending each
@@ -30,6 +32,7 @@ import datetime as dt
 import itertools
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -55,7 +58,7 @@ import sqlalchemy as sa  # noqa: E402
 from tests.crm import MAPPING, make_crm, write_mapping  # noqa: E402
 from worker.proto import _wire  # noqa: E402
 from worker.sandbox.config import API_BASE_PATH  # noqa: E402
-from worker.sandbox.server import sandbox_process  # noqa: E402
+from worker.sandbox.server import sandbox_subprocess  # noqa: E402
 from worker.source.mapping import parse_mapping  # noqa: E402
 from worker.source.reader import SourceReader  # noqa: E402
 
@@ -155,6 +158,9 @@ class Result:
     first_call: float = 0.0  # seconds from the start of the timed part to the first API request
     tail: float = 0.0  # seconds from the last API request to the end of the timed part
     cpu_busy: float = 0.0  # share of the machine's CPU time busy during the timed part
+    worker_cpu: float = 0.0  # CPU seconds of all workers during the timed part
+    sandbox_cpu: float = 0.0  # CPU seconds of the sandbox during the timed part
+    command_cpu: float = 0.0  # CPU seconds of the `sync` command, start to exit
 
     def e2e(self, limit: float) -> float:
         return self.ok / self.wall / limit if self.wall > 0 else 0.0
@@ -167,6 +173,9 @@ class Result:
 
     def share_429(self) -> float:
         return self.limited / self.total if self.total else 0.0
+
+    def ms_per_call(self, cpu: float) -> float:
+        return 1000 * cpu / self.total if self.total else 0.0
 
 
 def get_json(url: str) -> Any:
@@ -263,6 +272,23 @@ def _cpu_times() -> tuple[float, float]:
     return sum(fields[:8]) - idle, sum(fields[:8])
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far, from /proc (0 where there is none)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Fields after the command name, which is in brackets and may hold spaces.
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- one run -----------------------------------------------------------------------------------
 
 
@@ -335,7 +361,7 @@ def run_crmsync(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namesp
         )
         if opts.concurrency:
             env["CRMSYNC_WORKER_CONCURRENCY"] = str(opts.concurrency)
-        base = stack.enter_context(sandbox_process(*cfg.sandbox_args(), env=env))
+        base, sandbox = stack.enter_context(sandbox_subprocess(*cfg.sandbox_args(), env=env))
         root = base.removesuffix(API_BASE_PATH)
         env["CRMSYNC_PROTO_BASE_URL"] = base
         run_command(crmsync_argv("init"), env, run_dir, run_dir / "init.log", COMMAND_TIMEOUT)
@@ -354,6 +380,9 @@ def run_crmsync(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namesp
             timeout = max(120.0, 10 * contacts * 3 / cfg.limit)
             argv = crmsync_argv("sync", "full", "--wait", "--json")
             log = run_dir / "sync.log"
+            servers = [sandbox.pid, *(w.pid for w in workers)]
+            cpu_before = [process_cpu(pid) for pid in servers]
+            waited_before = children_cpu()
             with open(run_dir / "sync.out", "wb") as out, open(log, "ab") as err, Sampler(root) as sampler:
                 started = time.monotonic()
                 proc = subprocess.Popen(argv, env=env, cwd=run_dir, stdout=out, stderr=err, start_new_session=True)
@@ -365,6 +394,8 @@ def run_crmsync(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namesp
                 finally:
                     wall = time.monotonic() - started
                     PROCS.stop([proc])
+            cpu_used = [process_cpu(pid) - before for pid, before in zip(servers, cpu_before, strict=True)]
+            command_cpu = children_cpu() - waited_before  # the command, the one child waited for meanwhile
             if proc.returncode != 0:
                 raise RuntimeError(f"the sync exited {proc.returncode}; see {log}")
             stats = read_stats(root)
@@ -377,6 +408,7 @@ def run_crmsync(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namesp
         note = f"synced {counts.get('synced')}/{contacts}, dead-lettered {counts.get('dead')}"
     result = result_from(stats, wall, note)
     result.run_seconds = summary.get("seconds")
+    result.sandbox_cpu, result.worker_cpu, result.command_cpu = cpu_used[0], sum(cpu_used[1:]), command_cpu
     sampler.fill(result)
     return result
 
@@ -390,8 +422,9 @@ def run_naive(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namespac
     engine.dispose()
     headers = {"Authorization": f"Bearer {TOKEN}"}
     errors = 0
-    with sandbox_process(*cfg.sandbox_args(), env=base_env()) as base:
+    with sandbox_subprocess(*cfg.sandbox_args(), env=base_env()) as (base, sandbox):
         root = base.removesuffix(API_BASE_PATH)
+        sandbox_before = process_cpu(sandbox.pid)
 
         def call(method: str, route: str, body: Any, **params: str) -> httpx.Response | None:
             nonlocal errors
@@ -426,7 +459,9 @@ def run_naive(cfg: Config, contacts: int, run_dir: Path, opts: argparse.Namespac
                     call("PUT", "add_custom_fields", {"custom_fields": values}, provided_unique_id=c.key)
             wall = time.monotonic() - started
         stats = read_stats(root)
+        sandbox_cpu = process_cpu(sandbox.pid) - sandbox_before
     result = result_from(stats, wall, f"{errors} transport errors" if errors else "")
+    result.sandbox_cpu = sandbox_cpu
     sampler.fill(result)
     return result
 
@@ -440,7 +475,7 @@ def connection_costs(calls: int, repeats: int) -> str:
     headers = {"Authorization": f"Bearer {TOKEN}"}
     args = ["--subcompany-id", SUBCOMPANY, "--token", TOKEN, "--rate-limit", "0"]
     per_call: dict[str, list[float]] = {"new connection per call (httpx.put)": [], "one keep-alive client": []}
-    with sandbox_process(*args, env=base_env()) as base:
+    with sandbox_subprocess(*args, env=base_env()) as (base, _):
         for rep in range(repeats):
             for label in per_call:
                 urls = [
@@ -469,15 +504,15 @@ def connection_costs(calls: int, repeats: int) -> str:
 def table(results: dict[Config, list[Result]], configs: list[Config], repeats: int) -> str:
     head = (
         "| limit (req/s) | latency | client | ok calls | wall s | end-to-end ÷ limit | steady ÷ limit "
-        "| 429 share | mid-run ÷ limit | 1st call after s | CPU busy |"
+        "| 429 share | mid-run ÷ limit | 1st call after s | CPU busy | workers CPU ms/call | sandbox CPU ms/call |"
     )
-    lines = [head, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for cfg in configs:
         rs = results.get(cfg, [])
         latency = f"{cfg.latency_ms:g} ± {cfg.jitter_ms:g} ms" if cfg.latency_ms else "0 ms"
         client = "naive loop" if cfg.workers == 0 else f"crmsync, {cfg.workers} worker{'s' if cfg.workers > 1 else ''}"
         if not rs:
-            lines.append(f"| {cfg.limit:g} | {latency} | {client}: failed | | | | | | | | |")
+            lines.append(f"| {cfg.limit:g} | {latency} | {client}: failed | | | | | | | | | | |")
             continue
 
         def ratio(values: list[float]) -> str:
@@ -492,7 +527,9 @@ def table(results: dict[Config, list[Result]], configs: list[Config], repeats: i
             f"| {cfg.limit:g} | {latency} | {client} | {med(r.ok for r in rs):.0f} | {med(r.wall for r in rs):.1f} "
             f"| {ratio([r.e2e(cfg.limit) for r in rs])} | {ratio([r.steady(cfg.limit) for r in rs])} "
             f"| {100 * med(r.share_429() for r in rs):.2f}% | {ratio([r.mid(cfg.limit) for r in rs])} "
-            f"| {med(r.first_call for r in rs):.2f} | {100 * med(r.cpu_busy for r in rs):.0f}% |"
+            f"| {med(r.first_call for r in rs):.2f} | {100 * med(r.cpu_busy for r in rs):.0f}% "
+            f"| {'–' if cfg.workers == 0 else f'{med(r.ms_per_call(r.worker_cpu) for r in rs):.2f}'} "
+            f"| {med(r.ms_per_call(r.sandbox_cpu) for r in rs):.2f} |"
         )
     return "\n".join(lines)
 
@@ -577,7 +614,8 @@ def main(argv: list[str]) -> int:
                     f"# {run_dir.name}: {r.ok} ok / {r.total} requests in {r.wall:.1f} s; "
                     f"e2e {r.e2e(cfg.limit):.2f}, steady {r.steady(cfg.limit):.2f}, mid {r.mid(cfg.limit):.2f}, "
                     f"429 {100 * r.share_429():.2f}%; first call after {r.first_call:.2f} s, "
-                    f"tail {r.tail:.2f} s, crmsync run {r.run_seconds} s, CPU busy {100 * r.cpu_busy:.0f}% "
+                    f"tail {r.tail:.2f} s, crmsync run {r.run_seconds} s, CPU busy {100 * r.cpu_busy:.0f}%; "
+                    f"CPU s: workers {r.worker_cpu:.2f}, sandbox {r.sandbox_cpu:.2f}, command {r.command_cpu:.2f} "
                     f"{r.note}[{time.monotonic() - started:.0f} s]",
                     file=sys.stderr,
                     flush=True,

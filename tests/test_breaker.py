@@ -133,9 +133,7 @@ def test_a_probe_that_books_again_after_a_pause_is_not_held_by_its_own_probe(red
     assert time.monotonic() - started >= 0.5
 
 
-def test_an_answered_call_asks_redis_twice_when_limiter_and_breaker_share_it(
-    sandbox: Sandbox, redis_url: str
-) -> None:
+def test_an_answered_call_asks_redis_twice_when_limiter_and_breaker_share_it(sandbox: Sandbox, redis_url: str) -> None:
     counting = CountingRedis.from_url(redis_url)
     client = ProtoClient(
         sandbox.base_url,

@@ -104,6 +104,13 @@ def sandbox_process(*args: str, env: dict[str, str] | None = None) -> Iterator[s
     A process of its own serves far faster than a thread beside a busy client (no shared GIL),
     so the demo, the end-to-end tests and the benchmarks use this.
     """
+    with sandbox_subprocess(*args, env=env) as (base_url, _):
+        yield base_url
+
+
+@contextlib.contextmanager
+def sandbox_subprocess(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """:func:`sandbox_process`, yielding the process too (the benchmarks read its CPU time)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -116,7 +123,7 @@ def sandbox_process(*args: str, env: dict[str, str] | None = None) -> Iterator[s
     )
     try:
         _wait_until_up(f"http://127.0.0.1:{port}", lambda: proc.poll() is None)
-        yield f"http://127.0.0.1:{port}{API_BASE_PATH}"
+        yield f"http://127.0.0.1:{port}{API_BASE_PATH}", proc
     finally:
         proc.terminate()
         try:
