@@ -230,8 +230,10 @@ class SourceReader:
             order = [key_col]
         after: tuple[Any, Any] | None = None if start_after is None else (None, start_after)
 
+        ordered_by_update = src.updated_at if since is not None else None
+
         def position(row: dict[str, Any]) -> tuple[Any, Any]:
-            return (row.get(src.updated_at) if since is not None else None, row[src.key])  # type: ignore[arg-type]
+            return (row[ordered_by_update] if ordered_by_update else None, row[src.key])
 
         # Rows at `after` already read. The next page starts at `after` itself, not past it, and
         # drops them: a key the source holds twice is then never hidden by a page boundary (it
