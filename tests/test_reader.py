@@ -233,6 +233,26 @@ def test_tags_come_from_a_key_tag_query_whose_first_column_is_the_key_whatever_i
     assert all("orphan" not in c.tags for c in by_key.values())
 
 
+def test_text_keys_with_quotes_commas_braces_and_accents_find_their_tags(engine: sa.Engine) -> None:
+    # The page's keys go to the tag query as one array on PostgreSQL: each must arrive as it is.
+    awkward = ["a,b", 'x"y', "{z}", "o'neil", "é-ñ", "back\\slash", "NULL", "sp ace"]
+    metadata = sa.MetaData()
+    table = contacts_table(metadata, sa.String(40))
+    tags = sa.Table(
+        "contact_tags", metadata, sa.Column("contact_id", sa.String(40)), sa.Column("tag_name", sa.String(50))
+    )
+    create(
+        engine,
+        (table, [person(k, i) for i, k in enumerate(awkward)]),
+        (tags, [{"contact_id": k, "tag_name": f"t{i}"} for i, k in enumerate(awkward)]),
+    )
+    mapping = MAPPING + "tags:\n  query: SELECT contact_id, tag_name FROM contact_tags\n"
+
+    by_key = {c.key: c.tags for c in contacts(list(make_reader(engine, mapping, batch_size=3).pages()))}
+
+    assert by_key == {k: [f"t{i}"] for i, k in enumerate(awkward)}
+
+
 def test_tags_from_a_binary_column_are_decoded(engine: sa.Engine) -> None:
     metadata = sa.MetaData()
     table = contacts_table(metadata)

@@ -143,6 +143,19 @@ def test_a_first_full_sync_looks_no_customer_up_and_the_next_one_does(harness: H
     assert len(lookups) == 5 and second["counts"]["unchanged"] == 30  # one lookup a page of 7
 
 
+def test_the_state_db_keeps_awkward_keys_as_they_are(harness: Harness) -> None:
+    # Keys go to PostgreSQL as arrays (upserts, lookups): quotes, commas, braces and accents included.
+    awkward = ["a,b", 'x"y', "{z}", "o'neil", "é-ñ", "back\\slash", "NULL", "sp ace"]
+    store = harness.rt.store
+    store.mark_queued("run-1", [(k, f"v{i}") for i, k in enumerate(awkward)])
+
+    found = store.lookup(awkward)
+
+    assert {k: (s.status, s.planned_version) for k, s in found.items()} == {
+        k: ("queued", f"v{i}") for i, k in enumerate(awkward)
+    }
+
+
 def test_a_tag_added_without_touching_updated_at_is_found_by_the_full_sync(
     harness: Harness, sandbox: Sandbox, builds: list[str]
 ) -> None:
