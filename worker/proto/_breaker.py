@@ -5,9 +5,9 @@ the limiter handles), the breaker opens: calls fail fast with CircuitOpen, excep
 per `probe_every` seconds. The first success closes it. `RedisBreaker` shares this among
 every worker process, so an outage costs one probe a second, not one per worker thread.
 
-`RedisBreaker` costs one Redis round trip per call when the API answers: its check is one
-script (`HOLD_CHECK`, which `RedisLimiter` also runs in the script that books the call's
-slot, so that a worker asks Redis once before a call), and a success one DEL.
+`RedisBreaker`'s check is one Lua function (`HOLD_CHECK`), which `RedisLimiter` runs inside the
+script that books the call's slot: a worker asks Redis once before a call (twice if it sleeps to
+its slot), and once after it, a DEL, when the API answered.
 """
 
 from __future__ import annotations
