@@ -68,6 +68,37 @@ class PartHashes:
         return value
 
 
+# What a lookup reads of a customer: the key, then PartHashes' fields in order.
+_LOOKUP_COLUMNS = (
+    STATE.c.provided_unique_id,
+    STATE.c.profile_hash,
+    STATE.c.tags_hash,
+    STATE.c.fields_hash,
+    STATE.c.source_version,
+    STATE.c.status,
+    STATE.c.failed_hash,
+    STATE.c.planned_version,
+    STATE.c.source_fingerprint,
+)
+# A sync task's two statements (its customer's lookup, its outcome), built once: building them
+# for every task was a tenth of a worker's CPU at 200 calls/s (BENCHMARKS.md, rate limit).
+_LOOKUP_ONE = sa.select(*_LOOKUP_COLUMNS).where(STATE.c.provided_unique_id == sa.bindparam("key"))
+_OUTCOME_COLUMNS = ("status", "last_error", "updated_at", "profile_hash", "tags_hash", "fields_hash", "failed_hash")
+_SYNCED_COLUMNS = ("source_version", "synced_at", "source_fingerprint")
+
+
+def _outcome_update(synced: bool) -> sa.Update:
+    names = _OUTCOME_COLUMNS + (_SYNCED_COLUMNS if synced else ())
+    return (
+        STATE.update()
+        .where(STATE.c.provided_unique_id == sa.bindparam("key"))
+        .values(attempts=STATE.c.attempts + 1, **{n: sa.bindparam(n, type_=STATE.c[n].type) for n in names})
+    )
+
+
+_OUTCOME_UPDATES = {synced: _outcome_update(synced) for synced in (False, True)}
+
+
 def _upsert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
     """Insert rows, or update the ones whose `keys` exist, in one statement per dialect."""
     if not rows:
@@ -222,29 +253,24 @@ class StateStore:
     def lookup(self, keys: Iterable[str]) -> dict[str, PartHashes]:
         """Synced hashes of the given customers, in one query per thousand keys (250 on PostgreSQL)."""
         keys = list(keys)
+        out: dict[str, PartHashes] = {}
+        with self.engine.connect() as conn:
+            if len(keys) == 1:  # a sync task's own customer
+                rows: Iterable[Any] = conn.execute(_LOOKUP_ONE, {"key": keys[0]})
+            else:
+                rows = self._lookup_many(conn, keys)
+            for row in rows:
+                out[row[0]] = PartHashes(*row[1:])
+        return out
+
+    def _lookup_many(self, conn: sa.Connection, keys: list[str]) -> Iterator[Any]:
         # PostgreSQL plans a thousand-key lookup as a scan of the whole table while the table has
         # no statistics yet (a first full sync fills it faster than autovacuum analyses it): 19 ms
         # a page at 200,000 rows, growing with the table. 250 keys keep it on the index (0.3 ms).
         step = 250 if self.engine.dialect.name == "postgresql" else 1000
-        out: dict[str, PartHashes] = {}
-        cols = [
-            STATE.c.provided_unique_id,
-            STATE.c.profile_hash,
-            STATE.c.tags_hash,
-            STATE.c.fields_hash,
-            STATE.c.source_version,
-            STATE.c.status,
-            STATE.c.failed_hash,
-            STATE.c.planned_version,
-            STATE.c.source_fingerprint,
-        ]
-        with self.engine.connect() as conn:
-            for i in range(0, len(keys), step):
-                chunk = keys[i : i + step]
-                match = one_of(STATE.c.provided_unique_id, chunk, self.engine.dialect.name)
-                for row in conn.execute(sa.select(*cols).where(match)):
-                    out[row[0]] = PartHashes(*row[1:])
-        return out
+        for i in range(0, len(keys), step):
+            match = one_of(STATE.c.provided_unique_id, keys[i : i + step], self.engine.dialect.name)
+            yield from conn.execute(sa.select(*_LOOKUP_COLUMNS).where(match))
 
     def has_customers(self) -> bool:
         """Whether any customer has a state row (none before a first full sync)."""
@@ -292,12 +318,11 @@ class StateStore:
             "fields_hash": hashes.get("fields"),
             "failed_hash": failed_hash,
         }
-        if status == "synced":
+        synced = status == "synced"
+        if synced:
             values.update(source_version=source_version, synced_at=now, source_fingerprint=fingerprint)
         with self._begin() as conn:
-            updated = conn.execute(
-                STATE.update().where(STATE.c.provided_unique_id == key).values(attempts=STATE.c.attempts + 1, **values)
-            ).rowcount
+            updated = conn.execute(_OUTCOME_UPDATES[synced], {"key": key, **values}).rowcount
             if not updated:
                 conn.execute(STATE.insert().values(provided_unique_id=key, last_run_id=run_id, attempts=1, **values))
 
