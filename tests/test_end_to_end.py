@@ -418,7 +418,7 @@ def test_two_workers_on_one_port_serve_the_sum_of_their_calls_and_it_equals_the_
     assert samples[("crmsync_api_retries_total", (("reason", "rate_limited"),))] == throttled
     assert samples[("crmsync_customers_total", (("outcome", "synced"),))] == 19
     assert samples[("crmsync_runs_degraded_total", (("kind", "full"),))] == 1
-    assert samples[("crmsync_sync_lag_seconds_count", ())] == 19
+    assert samples[("crmsync_sync_lag_seconds_count", (("kind", "full"),))] == 19
     assert samples[("crmsync_queue_depth", (("queue", "crmsync.bulk"),))] == 0
     assert samples[("crmsync_breaker_open", ())] == 0
     assert samples[("crmsync_dead_letters", (("error_class", "InvalidRecord.invalid_email"),))] == 1

@@ -161,27 +161,34 @@ def test_retries_are_counted_by_reason() -> None:
     }
 
 
-def test_outcomes_are_counted_and_a_synced_contact_feeds_the_lag_from_its_version() -> None:
+def test_outcomes_are_counted_and_a_synced_contact_feeds_the_lag_of_its_runs_kind() -> None:
     outcomes = {o: value("crmsync_customers_total", outcome=o) for o in metrics.OUTCOMES}
-    lag_count = value("crmsync_sync_lag_seconds_count")
-    lag_sum = value("crmsync_sync_lag_seconds_sum")
-    under_two_minutes = value("crmsync_sync_lag_seconds_bucket", le="120.0")
+    lag = {k: value("crmsync_sync_lag_seconds_count", kind=k) for k in (*metrics.RUN_KINDS, "unknown")}
+    lag_sum = value("crmsync_sync_lag_seconds_sum", kind="incremental")
+    under_two_minutes = value("crmsync_sync_lag_seconds_bucket", kind="incremental", le="120.0")
     updated = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=90)
 
-    metrics.observe_outcome("synced", version_text(updated))
-    metrics.observe_outcome("skipped", version_text(updated))  # no lag: nothing was sent
-    metrics.observe_outcome("dead", version_text(updated))
-    metrics.observe_outcome("synced", None)  # a mapping without updated_at
-    metrics.observe_outcome("synced", "not a time")
+    metrics.observe_outcome("synced", version_text(updated), "incremental")
+    metrics.observe_outcome("synced", version_text(updated - dt.timedelta(days=30)), "full")
+    metrics.observe_outcome("synced", version_text(updated))  # a message planned before kinds
+    metrics.observe_outcome("skipped", version_text(updated), "incremental")  # no lag: nothing was sent
+    metrics.observe_outcome("dead", version_text(updated), "incremental")
+    metrics.observe_outcome("synced", None, "incremental")  # a mapping without updated_at
+    metrics.observe_outcome("synced", "not a time", "incremental")
 
     assert {o: value("crmsync_customers_total", outcome=o) - outcomes[o] for o in outcomes} == {
-        "synced": 3,
+        "synced": 5,
         "skipped": 1,
         "dead": 1,
     }
-    assert value("crmsync_sync_lag_seconds_count") - lag_count == 1
-    assert 89 <= value("crmsync_sync_lag_seconds_sum") - lag_sum < 120
-    assert value("crmsync_sync_lag_seconds_bucket", le="120.0") - under_two_minutes == 1
+    assert {k: value("crmsync_sync_lag_seconds_count", kind=k) - lag[k] for k in lag} == {
+        "full": 1,
+        "incremental": 1,
+        "replay": 0,
+        "unknown": 1,
+    }
+    assert 89 <= value("crmsync_sync_lag_seconds_sum", kind="incremental") - lag_sum < 120
+    assert value("crmsync_sync_lag_seconds_bucket", kind="incremental", le="120.0") - under_two_minutes == 1
 
 
 def test_counts_outcome_counts_whatever_a_sync_function_returns_with_the_messages_version() -> None:
@@ -193,17 +200,17 @@ def test_counts_outcome_counts_whatever_a_sync_function_returns_with_the_message
 
     synced = value("crmsync_customers_total", outcome="synced")
     skipped = value("crmsync_customers_total", outcome="skipped")
-    lag_count = value("crmsync_sync_lag_seconds_count")
+    lag_count = value("crmsync_sync_lag_seconds_count", kind="incremental")
     recent = version_text(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5))
 
-    assert sync_contact(None, {"contact": {"key": "synced", "version": recent}}) == "synced"
+    assert sync_contact(None, {"kind": "incremental", "contact": {"key": "synced", "version": recent}}) == "synced"
     assert sync_contact(None, msg={"contact": {"key": "skipped", "version": recent}}) == "skipped"
     with pytest.raises(CircuitOpen):
         sync_contact(None, {"contact": {"key": "held", "version": recent}})
 
     assert value("crmsync_customers_total", outcome="synced") - synced == 1
     assert value("crmsync_customers_total", outcome="skipped") - skipped == 1
-    assert value("crmsync_sync_lag_seconds_count") - lag_count == 1
+    assert value("crmsync_sync_lag_seconds_count", kind="incremental") - lag_count == 1
     assert sync_contact.__name__ == "sync_contact"
 
 

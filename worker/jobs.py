@@ -205,7 +205,9 @@ def _replay_as_recorded(rt: Runtime, letters: list[dict[str, Any]]) -> PlanResul
     assert result.run_id is not None
     contacts = [Contact.from_payload(d["payload"]) for d in letters if "key" in d["payload"]]
     rt.store.mark_queued(result.run_id, [(c.key, c.version) for c in contacts])
-    celery_enqueue(queue_for("replay"), [message(result.run_id, c, was_dead=True, force=True) for c in contacts])
+    celery_enqueue(
+        queue_for("replay"), [message(result.run_id, c, kind=result.kind, was_dead=True, force=True) for c in contacts]
+    )
     result.counts.update(read=len(contacts), enqueued=len(contacts))
     rt.store.update_run(result.run_id, status="running", enqueued=len(contacts), read=len(contacts))
     return result

@@ -29,9 +29,9 @@ Reading the figures
 -------------------
 Every worker host reports the same queue depth (it is the broker's) and the same open dead
 letters (the state DB's): aggregate them with ``max by (...)``, not ``sum``.
-``crmsync_sync_lag_seconds`` measures from the CRM's ``updated_at`` of a contact to the moment
-it is synced: meaningful for incremental runs; the first full sync (and replays) feed it the age
-of old rows, which land in the top buckets.
+``crmsync_sync_lag_seconds{kind}`` measures from the CRM's ``updated_at`` of a contact to the
+moment it is synced, by the kind of run that planned it: read ``kind="incremental"`` for
+freshness; full syncs and replays send old rows too, whose ages land in the top buckets.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ CUSTOMERS = Counter(
 
 SYNC_LAG_SECONDS = Histogram(
     "crmsync_sync_lag_seconds",
-    "Seconds from a contact's updated_at in the CRM to its sync to Proto.",
+    "Seconds from a contact's updated_at in the CRM to its sync to Proto, by the kind of run that sent it.",
+    ["kind"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 86400, 7 * 86400),
 )
 """End-to-end lag: the source's updated_at of a contact to the moment it was synced."""
@@ -276,17 +277,19 @@ def observe_retry(cause: BaseException | str | None) -> None:
     API_RETRIES.labels(reason).inc()
 
 
-def observe_outcome(outcome: str, version: str | None) -> None:
+def observe_outcome(outcome: str, version: str | None, kind: str | None = None) -> None:
     """Count one sync task's outcome (synced, skipped, dead).
 
     For a synced contact, `version` (its source updated_at, as `worker.contact.version_text`
-    gives it: UTC ISO text without offset) also feeds the end-to-end lag.
+    gives it: UTC ISO text without offset) also feeds the end-to-end lag, labelled with the
+    `kind` of the run that planned it: only an incremental run's lag says how fresh Proto is
+    (a full sync also sends rows that changed long ago without moving their updated_at).
     """
     CUSTOMERS.labels(str(outcome)).inc()
     if version and str(outcome) == "synced":
         lag = lag_seconds(version)
         if lag is not None:
-            SYNC_LAG_SECONDS.observe(lag)
+            SYNC_LAG_SECONDS.labels(kind if kind in RUN_KINDS else "unknown").observe(lag)
 
 
 def counts_outcome(fn: _F) -> _F:
@@ -301,7 +304,8 @@ def counts_outcome(fn: _F) -> _F:
         outcome = fn(*args, **kwargs)
         msg = kwargs["msg"] if "msg" in kwargs else args[1]
         contact = msg.get("contact") if isinstance(msg, Mapping) else None
-        observe_outcome(outcome, contact.get("version") if isinstance(contact, Mapping) else None)
+        version = contact.get("version") if isinstance(contact, Mapping) else None
+        observe_outcome(outcome, version, msg.get("kind") if isinstance(msg, Mapping) else None)
         return outcome
 
     return cast(_F, counted)
@@ -469,3 +473,4 @@ def _preset_series() -> None:
     for kind in RUN_KINDS:
         RUNS_DEGRADED.labels(kind)
         RUN_SECONDS.labels(kind)
+        SYNC_LAG_SECONDS.labels(kind)

@@ -375,6 +375,7 @@ class Planner:
                     message(
                         run_id,
                         c,
+                        kind=result.kind,
                         was_dead=d,
                         force=force,
                         update_only=update_only,
