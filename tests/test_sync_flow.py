@@ -229,6 +229,18 @@ def test_a_contact_throttled_past_its_time_on_hold_is_deferred_not_dead_lettered
     assert "C00004" in sandbox.customers()
 
 
+def test_a_task_of_a_run_this_state_db_does_not_know_is_skipped_without_a_call(
+    harness: Harness, sandbox: Sandbox
+) -> None:
+    harness.plan()
+    foreign = {**harness.queued[0][1], "run_id": "f" * 16}  # another deployment's, on a shared broker
+    harness.queued.clear()
+
+    assert sync_contact(harness.rt, foreign) is Outcome.SKIPPED
+    assert sandbox.calls() == 4  # the custom fields' set-up only
+    assert harness.rt.store.customer(foreign["contact"]["key"])["status"] == "queued"  # type: ignore[index]
+
+
 def test_older_version_never_overwrites_newer(harness: Harness, sandbox: Sandbox) -> None:
     harness.plan()
     stale = next(m for _, m in harness.queued if m["contact"]["key"] == "C00001")

@@ -63,6 +63,16 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
     """Bring one Proto customer in line with the contact in `msg`; its outcome is counted in the metrics."""
     contact = Contact.from_payload(msg["contact"])
     run_id = msg.get("run_id")
+    if run_id and not rt.store.knows_run(run_id):
+        # Another deployment's task on a shared broker, or one queued before this state DB was
+        # reset: sending it would put data this deployment did not plan into its Proto.
+        log.warning(
+            "skipped the task of %s: its run %s is not in this state DB (a broker shared with another "
+            "deployment, or a state DB replaced while tasks were queued?)",
+            contact.key,
+            run_id,
+        )
+        return Outcome.SKIPPED
     state = rt.store.lookup([contact.key]).get(contact.key)
     if state and _superseded(contact.version, state):
         # A later plan read a newer row: its own task syncs it (and owns the state row).

@@ -242,6 +242,7 @@ class StateStore:
         # SQLite takes one writer at a time and its busy handler sleeps in coarse steps:
         # queueing this process's writers on a lock is much faster than letting them collide.
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+        self._known_runs: set[str] = set()  # runs are never deleted: a run found stays known
 
     @contextlib.contextmanager
     def _begin(self) -> Iterator[sa.Connection]:
@@ -389,6 +390,16 @@ class StateStore:
         """Set columns of a run (counts, status, timestamps)."""
         with self._begin() as conn:
             conn.execute(RUNS.update().where(RUNS.c.id == run_id).values(**values))
+
+    def knows_run(self, run_id: str) -> bool:
+        """Whether `run_id` is a run of this state DB (asked once per process and run)."""
+        if run_id in self._known_runs:
+            return True
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(RUNS.c.id).where(RUNS.c.id == run_id)).first() is not None
+        if found:
+            self._known_runs.add(run_id)
+        return found
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         """One run as a dict."""
