@@ -40,7 +40,12 @@ class Settings(BaseSettings):
     plan_processes: int = Field(
         2, ge=1, le=64, description="Processes that plan a full sync of a large CRM, each a range of keys."
     )
-    lookback_seconds: float = Field(300.0, ge=0, description="Incremental syncs re-read this far behind the watermark.")
+    # An hour: updated_at set by app servers whose clocks disagree, or at the start of a batch job
+    # that commits much later, still lands in the next incremental; the rows re-read cost a read
+    # and a fingerprint each, never a call.
+    lookback_seconds: float = Field(
+        3600.0, ge=0, description="Incremental syncs re-read this far behind the watermark."
+    )
     incremental_every: float = Field(60.0, gt=0, description="Seconds between beat's incremental syncs.")
     full_sync_cron: str = Field("0 2 * * *", description="Cron line of beat's nightly full sync.")
     sync_mode: Literal["upsert", "update-only", "create-only"] = Field(
