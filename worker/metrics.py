@@ -303,9 +303,9 @@ def counts_outcome(fn: _F) -> _F:
     def counted(*args: Any, **kwargs: Any) -> Any:
         outcome = fn(*args, **kwargs)
         msg = kwargs["msg"] if "msg" in kwargs else args[1]
-        contact = msg.get("contact") if isinstance(msg, Mapping) else None
-        version = contact.get("version") if isinstance(contact, Mapping) else None
-        observe_outcome(outcome, version, msg.get("kind") if isinstance(msg, Mapping) else None)
+        msg = msg if isinstance(msg, Mapping) else {}
+        contact = msg.get("contact")
+        observe_outcome(outcome, contact.get("version") if isinstance(contact, Mapping) else None, msg.get("kind"))
         return outcome
 
     return cast(_F, counted)

@@ -41,10 +41,10 @@ def message(
 ) -> dict[str, Any]:
     """The task message for `contact` planned by `run_id` (JSON primitives only).
 
-    `kind` is the run's (full, incremental, replay), for the lag metric; `force` resends
-    every part whatever Proto is recorded to hold; `update_only` skips a
-    customer that Proto does not have yet; `tickets` sends the customer's waiting tickets after it;
-    `fingerprint` (of the source row) is recorded once the contact is synced.
+    `kind` is the run's (full, incremental, replay), for the lag metric; `force` resends every
+    part whatever Proto is recorded to hold; `update_only` skips a customer that Proto does not
+    have yet; `tickets` sends the customer's waiting tickets after it; `fingerprint` (of the
+    source row) is recorded once the contact is synced.
     """
     msg = {"run_id": run_id, "contact": contact.to_payload(), "was_dead": was_dead, "force": force}
     if kind:

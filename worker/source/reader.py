@@ -47,7 +47,7 @@ class RawPage:
     fields: dict[str, list[tuple[Any, ...]]]
     last: tuple[Any, Any] | None = None
     max_updated: Any = None
-    keys_before: set[str] = field(default_factory=set)  # keys (as text) read on the page before
+    keys_before: set[str] = field(default_factory=set)  # keys (as text) this page shares with the one before
 
 
 @dataclass
@@ -273,9 +273,9 @@ class SourceReader:
             rows = page.rows = fetched[skip:]
             if not rows and key_chunks is None:
                 break
-            if rows and position(rows[0]) == after:  # more rows where the last page ended: duplicates
-                page.keys_before.add(str(after[1]))
             if rows:
+                if position(rows[0]) == after:  # more rows where the last page ended: duplicates
+                    page.keys_before.add(str(after[1]))
                 last = position(rows[-1])
                 tail = next((i for i, r in enumerate(reversed(rows)) if position(r) != last), len(rows))
                 again = tail + skip if tail == len(rows) and last == after else tail
