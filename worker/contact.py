@@ -10,6 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
+import re
+from collections.abc import Callable, Sequence
 from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -19,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidRecord
 from .proto._wire import (
     CONTROL_CHARACTERS,
+    MAX_EXACT_INTEGER,
     MAX_TAG_LENGTH,
     MAX_UNIQUE_ID_LENGTH,
     PROFILE_MAX_LENGTH,
     VALUE_PATTERNS,
+    field_name_problem,
     profile_problem,
     tag_problem,
 )
@@ -34,10 +39,24 @@ PARTS = ("profile", "tags", "fields")
 # The version of the canonical form that build_contact gives. Raise it with any change to what
 # build_contact returns for a row: the planner's row fingerprints carry it, so that no row is
 # taken as unchanged on the strength of a contact built the old way.
-CANONICAL_FORM = 2  # 2: bytes that are not UTF-8 are an invalid_utf8 error, not replaced
+# 2: bytes that are not UTF-8 are an invalid_utf8 error, not replaced. 3: values are read exactly or
+# refused (strict number and date grammars, no integer beyond what JSON carries exactly, decimals as
+# their exact text), bad names from a custom-field query refused.
+CANONICAL_FORM = 3
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
+# Number text: an optional sign, ASCII digits, an optional fraction and exponent, blanks around.
+# Strict on purpose: float() and int() also take "1_000", Arabic-Indic or fullwidth digits, "nan"
+# and "infinity", which would send a value the CRM does not show.
+_NUMBER = re.compile(r"[ \t\r\n]*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)[ \t\r\n]*")
+# Date text: YYYY-MM-DD alone, or beginning an ISO datetime (a date field takes its day, as written).
+# Whole-text match: date.fromisoformat(text[:10]) took "2024-03-01garbage" as 2024-03-01, and
+# fromisoformat alone takes ISO forms no CRM shows as a date ("20240301", "2024-W09-5").
+_DATE = re.compile(
+    r"[ \t\r\n]*(([0-9]{4}-[0-9]{2}-[0-9]{2})"
+    r"(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,6})?)?(?:Z|[+-][0-9]{2}:?[0-9]{2})?)?)[ \t\r\n]*"
+)
 # What json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False) gives,
 # built once: the planner hashes three parts of every contact it reads. The C encoder, called
 # directly, skips the per-call set-up of JSONEncoder.encode (a third of a hash's cost); the
@@ -161,10 +180,22 @@ def _text(value: Any, field: str = "") -> str | None:
     if isinstance(value, bytes):
         return _decoded(value, field)
     if isinstance(value, Decimal) and value.is_finite():
-        value = int(value) if value == value.to_integral_value() else float(value)
+        return _decimal_text(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value)
+
+
+def _decimal_text(value: Decimal) -> str:
+    """A finite Decimal as the text of its exact value: "12.5" for 12.50, "12" for 12.00.
+
+    The text a float of the same value gives (so that NUMERIC and REAL columns agree) whenever
+    that float holds the value; its exact digits otherwise, where float() would round them.
+    """
+    if value == value.to_integral_value():
+        return str(int(value))
+    as_float = float(value)
+    return str(as_float) if Decimal(repr(as_float)) == value else format(value.normalize(), "f")
 
 
 def is_deleted(mapping: Mapping, row: AbcMapping[str, Any]) -> bool:
@@ -182,7 +213,12 @@ def _flag(value: Any) -> bool:
 
 
 def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, value: Any) -> Any:
-    """A CRM value as the JSON value of a custom field of `spec_type`, or InvalidRecord."""
+    """A CRM value as the JSON value of a custom field of `spec_type`, or InvalidRecord.
+
+    The value is sent exactly as read, or refused: ``field_type`` when it is not a value of the
+    type, ``field_precision`` for a number that JSON cannot carry exactly, ``field_option`` for a
+    select value outside its options.
+    """
     if value is None:
         return None
     if isinstance(value, bytes):
@@ -190,19 +226,13 @@ def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, valu
     if spec_type != "text" and isinstance(value, str) and not value.strip():
         return None  # an empty cell in a typed column means "no value", as NULL does
 
-    def bad() -> InvalidRecord:  # built only when raised: most values fit
-        return InvalidRecord("field_type", f"custom field {name!r} ({spec_type}) cannot hold {str(value)[:60]!r}", name)
+    def bad(why: str = "") -> InvalidRecord:  # built only when raised: most values fit
+        return InvalidRecord(
+            "field_type", f"custom field {name!r} ({spec_type}) cannot hold {str(value)[:60]!r}{why}", name
+        )
 
     if spec_type == "number":
-        if isinstance(value, bool):
-            raise bad()
-        try:
-            number = float(value) if isinstance(value, int | float | Decimal) else float(str(value).strip())
-        except ValueError:  # text, or a signalling NaN
-            raise bad() from None
-        if number != number or number in (float("inf"), float("-inf")):
-            raise bad()
-        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+        return _number(value, name, bad)
     if spec_type == "toggle":
         if isinstance(value, bool):
             return value
@@ -217,16 +247,61 @@ def field_value(spec_type: str, options: tuple[str, ...] | None, name: str, valu
             return value.date().isoformat()
         if isinstance(value, dt.date):
             return value.isoformat()
+        match = _DATE.fullmatch(value) if isinstance(value, str) else None
         try:
-            return dt.date.fromisoformat(str(value).strip()[:10]).isoformat()
+            if match is None:
+                raise ValueError
+            dt.datetime.fromisoformat(match.group(1))  # a real day (and time, when there is one)
         except ValueError:
-            raise bad() from None
+            raise bad(" (a date is YYYY-MM-DD)") from None
+        return match.group(2)
     as_text = _text(value)
     if spec_type == "select" and options is not None and as_text not in options:
         raise InvalidRecord(
             "field_option", f"custom field {name!r}: {as_text!r} is not one of {', '.join(options)}", name
         )
     return as_text
+
+
+def _number(value: Any, name: str, bad: Callable[[str], InvalidRecord]) -> int | float:
+    """The JSON number of a number field: an int when the value is whole, else a float.
+
+    A float from the driver is sent as it is (JSON carries a double exactly). Any other value
+    (int, Decimal, text) must come through exactly: an integer beyond MAX_EXACT_INTEGER, or a
+    fraction with more digits than a double holds, is ``field_precision``.
+    """
+    if isinstance(value, bool):  # an int subclass in Python, but true is not a number in JSON
+        raise bad("")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise bad("")
+        return int(value) if value.is_integer() and abs(value) <= MAX_EXACT_INTEGER else value
+    if isinstance(value, int):
+        number = Decimal(value)
+    elif isinstance(value, Decimal):
+        number = value
+    else:
+        match = _NUMBER.fullmatch(value) if isinstance(value, str) else None
+        if match is None:
+            raise bad(" (a number is written with ASCII digits, an optional sign, fraction and exponent)")
+        number = Decimal(match.group(1))
+    if not number.is_finite() or number.adjusted() > 308:  # NaN, infinite, or beyond any double
+        raise bad(" (not a finite number)")
+
+    def imprecise(why: str) -> InvalidRecord:
+        return InvalidRecord(
+            "field_precision", f"custom field {name!r} (number) cannot hold {str(value)[:60]} exactly: {why}", name
+        )
+
+    if number == number.to_integral_value():
+        integer = int(number)
+        if abs(integer) > MAX_EXACT_INTEGER:
+            raise imprecise(f"whole numbers are sent only up to {MAX_EXACT_INTEGER} either side of 0")
+        return integer
+    as_float = float(number)
+    if Decimal(repr(as_float)) != number:  # the JSON text of the float would be another number
+        raise imprecise(f"the nearest number JSON carries is {as_float!r}")
+    return as_float
 
 
 @dataclass(frozen=True)
@@ -275,9 +350,12 @@ def build_contact(
     mapping: Mapping,
     row: AbcMapping[str, Any],
     tags: list[Any] | None = None,
-    extra_fields: list[tuple[str, Any]] | None = None,
+    extra_fields: Sequence[tuple[Any, ...]] | None = None,
 ) -> Contact:
     """Turn one source row (with its queried tags and fields) into a Contact.
+
+    `extra_fields` holds the (name, value) rows of the custom-field queries, as the driver
+    returned them.
 
     Raises InvalidRecord for a row that cannot be sent; the caller records it.
     """
@@ -305,7 +383,8 @@ def build_contact(
         value = field_value(type_, options, name, row.get(column))
         if value is not None:
             fields[name] = value
-    for name, raw_value in extra_fields or ():
+    for raw_name, raw_value in extra_fields or ():
+        name = query_field_name(raw_name)
         value = field_value(mapping.query_field_type(name), None, name, raw_value)
         if value is not None:
             fields[name] = value
@@ -319,6 +398,23 @@ def build_contact(
     }
     version = version_text(row.get(recipe.updated_at)) if recipe.updated_at else None
     return Contact(key, version, deleted, profile, tag_list, fields, hashes)
+
+
+def query_field_name(raw: Any) -> str:
+    """The name of a custom field as a `(key, name, value)` query returned it, or InvalidRecord.
+
+    A NULL, empty or over-long name, or one holding a control character, is ``invalid_field_name``
+    for this contact: never a field named "None", never a create-custom-field call that Proto
+    refuses for the whole run.
+    """
+    if raw is None:
+        raise InvalidRecord("invalid_field_name", "a custom-field query returned a NULL field name", "custom_fields")
+    name = _text(raw, "custom_fields") or ""
+    if problem := field_name_problem(name):
+        raise InvalidRecord(
+            "invalid_field_name", f"a custom-field query returned a bad name: {problem}", "custom_fields"
+        )
+    return name
 
 
 def _check_profile(profile: dict[str, Any]) -> None:

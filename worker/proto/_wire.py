@@ -77,6 +77,12 @@ PROFILE_MAX_LENGTH: dict[str, int] = {
     "avatar": 2048,
 }
 MAX_TAG_LENGTH = 100
+# ASSUMED, as for tags: a custom-field name is 1 to 255 characters, none of them a control character.
+MAX_FIELD_NAME_LENGTH = 255
+# The integers a JSON number carries exactly to any reader: RFC 8259 (section 6) names
+# [-(2**53)+1, 2**53-1] the interoperable range, since most parsers hold a number as an IEEE 754
+# double. The vendor states nothing more for `number` fields, so crmsync sends no integer beyond it.
+MAX_EXACT_INTEGER = 2**53 - 1
 # The profile fields whose values must also match a pattern.
 VALUE_PATTERNS: dict[str, re.Pattern[str]] = {
     "email": re.compile(EMAIL_PATTERN),
@@ -104,6 +110,20 @@ def tag_problem(tag: str) -> str | None:
         return f"tag {tag[:40]!r}... is {len(tag)} characters long (at most {MAX_TAG_LENGTH})"
     if CONTROL_CHARACTERS.search(tag):
         return f"tag {tag[:40]!r} contains control characters"
+    return None
+
+
+def field_name_problem(name: str) -> str | None:
+    """Why Proto would refuse `name` as a custom-field name, or None when it is fine.
+
+    A name of blanks only counts as empty: no CRM means it as a field's name.
+    """
+    if not name.strip():
+        return "the custom-field name is empty"
+    if len(name) > MAX_FIELD_NAME_LENGTH:
+        return f"custom-field name {name[:40]!r}... is {len(name)} characters long (at most {MAX_FIELD_NAME_LENGTH})"
+    if CONTROL_CHARACTERS.search(name):
+        return f"custom-field name {name[:40]!r} contains control characters"
     return None
 
 

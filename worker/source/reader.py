@@ -363,7 +363,7 @@ class SourceReader:
                     self.mapping,
                     row,
                     tags=[t[0] for t in tags if t[0] is not None],
-                    extra_fields=[(str(n), v) for n, v in fields],
+                    extra_fields=fields,  # names as read: build_contact refuses a NULL or bad one
                 )
             except InvalidRecord as exc:
                 page.invalid.append(InvalidRow(skey, exc, _json_safe(row)))
