@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from tests.conftest import SUBCOMPANY, Sandbox
 from tests.test_sync_flow import Harness
 from worker.contact import field_value
-from worker.errors import InvalidRecord
+from worker.errors import ConfigError, InvalidRecord
+from worker.source.mapping import parse_mapping
 
 MAPPING = """\
 source:
@@ -231,3 +232,22 @@ def test_a_number_that_would_reach_proto_changed_is_refused_with_its_code(value:
         field_value("number", None, "amount", value)
 
     assert (err.value.code, err.value.field) == (code, "amount")
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ('{name: "nick\\tname", column: nick}', "contains control characters"),
+        ("{name: " + "n" * 256 + ", column: nick}", "256 characters long (at most 255)"),
+        ("{name: '  ', column: nick}", "the custom-field name is empty"),
+        ('{query: SELECT id, fname, fvalue FROM crm_fields, types: {"a\\x1bb": number}}', "control characters"),
+    ],
+    ids=["control character", "over 255 characters", "blank", "in types"],
+)
+def test_a_mapping_field_name_proto_would_refuse_is_refused_at_its_line(entry: str, problem: str) -> None:
+    text = MAPPING.replace("  - {name: amount,", f"  - {entry}\n  - {{name: amount,")
+
+    with pytest.raises(ConfigError) as err:
+        parse_mapping(text, "mapping.yaml")
+
+    assert str(err.value).startswith("mapping.yaml:7: custom_fields.0") and problem in str(err.value)

@@ -31,6 +31,7 @@ from ..proto._wire import (
     CONTROL_CHARACTERS,
     EMAIL_PATTERN,
     FIELD_TYPES,
+    MAX_FIELD_NAME_LENGTH,
     MAX_TAG_LENGTH,
     MAX_UNIQUE_ID_LENGTH,
     PHONE_PATTERN,
@@ -146,7 +147,7 @@ class CreateFieldIn(BaseModel):
     """create-custom-field body; `select_options` if and only if the type is select."""
 
     model_config = _Strict
-    name: Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_no_control)]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_FIELD_NAME_LENGTH), AfterValidator(_no_control)]
     type: FieldType
     select_options: list[Text255] | None = None
 

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
-from ..proto._wire import FIELD_TYPES, PROFILE_FIELDS
+from ..proto._wire import FIELD_TYPES, PROFILE_FIELDS, field_name_problem
 
 FieldType = Literal["text", "number", "toggle", "select", "date"]
 assert set(FieldType.__args__) == set(FIELD_TYPES)  # type: ignore[attr-defined]
@@ -76,6 +76,22 @@ class FieldSpec(_Strict):
     options: tuple[str, ...] | None = None
     query: str | None = None
     types: dict[str, FieldType] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _sendable_name(cls, v: str | None) -> str | None:
+        # Refused here, at its line: Proto would refuse it at create-custom-field, for the whole run.
+        if v is not None and (problem := field_name_problem(v)):
+            raise ValueError(problem)
+        return v
+
+    @field_validator("types")
+    @classmethod
+    def _sendable_names(cls, v: dict[str, FieldType]) -> dict[str, FieldType]:
+        for name in v:
+            if problem := field_name_problem(name):
+                raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _shape(self) -> FieldSpec:
