@@ -49,7 +49,8 @@ _FALSE = {"0", "false", "f", "no", "n", "off"}
 # Number text: an optional sign, ASCII digits, an optional fraction and exponent, blanks around.
 # Strict on purpose: float() and int() also take "1_000", Arabic-Indic or fullwidth digits, "nan"
 # and "infinity", which would send a value the CRM does not show.
-_NUMBER = re.compile(r"[ \t\r\n]*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)[ \t\r\n]*")
+# Groups: the number's text, its whole digits, its fraction digits (after whole ones, or alone), its exponent.
+_NUMBER = re.compile(r"[ \t\r\n]*([+-]?(?:([0-9]+)(?:\.([0-9]*))?|\.([0-9]+))(?:[eE]([+-]?[0-9]+))?)[ \t\r\n]*")
 # Date text: YYYY-MM-DD alone, or beginning an ISO datetime (a date field takes its day, as written).
 # Whole-text match: date.fromisoformat(text[:10]) took "2024-03-01garbage" as 2024-03-01, and
 # fromisoformat alone takes ISO forms no CRM shows as a date ("20240301", "2024-W09-5").
@@ -277,31 +278,43 @@ def _number(value: Any, name: str, bad: Callable[[str], InvalidRecord]) -> int |
             raise bad("")
         return int(value) if value.is_integer() and abs(value) <= MAX_EXACT_INTEGER else value
     if isinstance(value, int):
-        number = Decimal(value)
-    elif isinstance(value, Decimal):
-        number = value
+        if abs(value) > MAX_EXACT_INTEGER:
+            raise _imprecise(name, value, f"whole numbers are sent only up to {MAX_EXACT_INTEGER} either side of 0")
+        return value
+    if isinstance(value, Decimal):
+        number, text = value, None
+        short = value.is_finite() and len(value.as_tuple().digits) <= 15 and -99 <= value.adjusted() <= 99
     else:
         match = _NUMBER.fullmatch(value) if isinstance(value, str) else None
         if match is None:
             raise bad(" (a number is written with ASCII digits, an optional sign, fraction and exponent)")
-        number = Decimal(match.group(1))
+        text, whole, fraction, bare_fraction, exponent = match.groups()
+        digits = len(whole or "") + len(fraction or bare_fraction or "")
+        short = digits <= 15 and (exponent is None or len(exponent.lstrip("+-")) <= 2)
+    if short:
+        # The common case, decided without a round trip: a double holds any decimal of at most 15
+        # significant digits (DBL_DIG) well inside its range, and its shortest text is that decimal.
+        as_float = float(number if text is None else text)
+        if not as_float.is_integer():
+            return as_float
+        if abs(as_float) <= MAX_EXACT_INTEGER:
+            return int(as_float)
+    if text is not None:
+        number = Decimal(text)
     if not number.is_finite() or number.adjusted() > 308:  # NaN, infinite, or beyond any double
         raise bad(" (not a finite number)")
-
-    def imprecise(why: str) -> InvalidRecord:
-        return InvalidRecord(
-            "field_precision", f"custom field {name!r} (number) cannot hold {str(value)[:60]} exactly: {why}", name
-        )
-
     if number == number.to_integral_value():
-        integer = int(number)
-        if abs(integer) > MAX_EXACT_INTEGER:
-            raise imprecise(f"whole numbers are sent only up to {MAX_EXACT_INTEGER} either side of 0")
-        return integer
+        return _number(int(number), name, bad)
     as_float = float(number)
     if Decimal(repr(as_float)) != number:  # the JSON text of the float would be another number
-        raise imprecise(f"the nearest number JSON carries is {as_float!r}")
+        raise _imprecise(name, value, f"the nearest number JSON carries is {as_float!r}")
     return as_float
+
+
+def _imprecise(name: str, value: Any, why: str) -> InvalidRecord:
+    return InvalidRecord(
+        "field_precision", f"custom field {name!r} (number) cannot hold {str(value)[:60]} exactly: {why}", name
+    )
 
 
 @dataclass(frozen=True)
