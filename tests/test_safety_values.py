@@ -204,7 +204,25 @@ def test_bad_field_names_from_a_query_are_refused_per_contact_and_the_run_goes_o
 
 
 @pytest.mark.parametrize(
-    "text", ["0", "-0", "+5", " 7 ", "12.5", ".5", "5.", "0.1", "1e3", "-1E-7", "2.5e-3", "9007199254740991", "5e-324"]
+    "text",
+    [
+        "0",
+        "-0",
+        "+5",
+        " 7 ",
+        "12.5",
+        ".5",
+        "5.",
+        "0.1",
+        "1e3",
+        "-1E-7",
+        "2.5e-3",
+        "9007199254740991",
+        "5e-324",
+        "123456789012345.6",
+        "000000000000000000012.5",
+        "1e-99",
+    ],
 )
 def test_a_number_read_from_text_is_sent_as_the_number_the_text_writes(text: str) -> None:
     sent = field_value("number", None, "amount", text)
@@ -225,6 +243,9 @@ def test_a_number_read_from_text_is_sent_as_the_number_the_text_writes(text: str
         ("1e20", "field_precision"),  # whole, and beyond the range every JSON reader holds exactly
         ("0.12345678901234567890", "field_precision"),
         ("1e-400", "field_precision"),
+        ("9007199254740992", "field_precision"),
+        ("1e16", "field_precision"),
+        (Decimal("1E+20"), "field_precision"),
     ],
 )
 def test_a_number_that_would_reach_proto_changed_is_refused_with_its_code(value: Any, code: str) -> None:
