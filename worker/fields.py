@@ -43,23 +43,23 @@ def create_missing(
     return {f.name: f.id for f in found}
 
 
-def heal_fields(rt: Runtime, sent: Mapping[str, str]) -> None:
-    """Proto refused a field id of `sent` (name -> registered id): re-ensure the stale ones.
+def heal_fields(rt: Runtime, sent: Mapping[str, str], refused: str | None) -> None:
+    """Proto refused the field id `refused` (None: an id it did not name) among `sent` (name -> id).
 
-    Under FIELDS_LOCK: a field whose registered id changed meanwhile was healed by another task
-    and costs no call. The others are compared with list-custom-fields (one call), and each one
-    Proto lacks under its registered id is found by name or created again from its registered
-    type and options. This process's cache of ids is refreshed afterwards either way.
+    Under FIELDS_LOCK: a refused id the registry no longer holds was healed by another task
+    meanwhile, and costs no call. Otherwise the fields sent are compared with list-custom-fields
+    (one call), and each one Proto lacks under its registered id (the refused one, and any other
+    deleted with it) is found by name or created again from its registered type and options.
+    This process's cache of ids is refreshed afterwards either way.
     """
     with rt.store.holding(FIELDS_LOCK):
         registered = rt.store.registered_fields()
-        suspects = {n: registered[n] for n, i in sent.items() if n in registered and registered[n].id == i}
-        if suspects:
+        current = {n: registered[n] for n, i in sent.items() if n in registered and registered[n].id == i}
+        if any(refused in (None, f.id) for f in current.values()):
             existing = {f.name: f for f in rt.client.list_custom_fields()}
-            stale = {n: f for n, f in suspects.items() if n not in existing or existing[n].id != f.id}
+            stale = {n: f for n, f in current.items() if n not in existing or existing[n].id != f.id}
             for name, f in sorted(stale.items()):
                 log.warning("custom field %s (id %s) is gone from Proto: ensuring it again", name, f.id)
-            wanted = {n: (f.type, f.select_options or None) for n, f in stale.items()}
-            if wanted:
-                create_missing(rt, wanted, existing)
+            if stale:
+                create_missing(rt, {n: (f.type, f.select_options or None) for n, f in stale.items()}, existing)
     rt.forget_field_ids()

@@ -154,9 +154,9 @@ def _send(rt: Runtime, contact: Contact, part: str) -> None:
         ids = _field_ids(rt, contact)
         try:
             client.add_custom_fields(contact.key, [(ids[n], v) for n, v in contact.fields.items()])
-        except MissingCustomField:
+        except MissingCustomField as exc:
             # A field deleted in Proto since it was registered: ensure it again (once), send again.
-            heal_fields(rt, ids)
+            heal_fields(rt, ids, exc.field_id)
             ids = _field_ids(rt, contact)
             client.add_custom_fields(contact.key, [(ids[n], v) for n, v in contact.fields.items()])
 
