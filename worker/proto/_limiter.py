@@ -11,6 +11,10 @@ after the pause. So a 429 holds the requests already booked as well as the later
 live in the same Redis, one script does both, so a call costs one round trip to be booked
 (and one more, a GET, if it had to sleep).
 
+A Redis that cannot be reached holds the call (CircuitOpen, never sent), to be asked again after
+a wait that doubles up to a cap: the retry policy's time on hold bounds it, and the task then
+defers itself. A call is never failed, nor a ticket left `unknown`, for want of a slot.
+
 `RedisLimiter` shares one schedule among every process on every host. A Lua script is used
 rather than a library: pyrate-limiter and limits answer "allowed now or not", which makes
 waiters poll and bunch up at window edges; GCRA with a reservation tells each caller exactly
