@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.errors import RetryableError
+from worker.errors import CircuitOpen
 from worker.proto import LocalLimiter, RedisLimiter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,13 +231,17 @@ def test_different_names_do_not_interfere(redis_url: str) -> None:
     assert busy.paused_for(client) > 9
 
 
-def test_a_redis_outage_is_a_retryable_error() -> None:
+def test_a_redis_outage_holds_the_call_unsent_and_a_cool_down_is_best_effort() -> None:
     dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
     limiter = RedisLimiter(dead, "any", 10)
-    with pytest.raises(RetryableError, match="rate limiter"):
-        limiter.acquire()
-    with pytest.raises(RetryableError, match="rate limiter"):
-        limiter.pause(1.0)
+    waits = []
+    for _ in range(3):
+        with pytest.raises(CircuitOpen, match="rate limiter") as held:
+            limiter.acquire()
+        assert held.value.not_sent  # nothing left: a ticket's call is safe to make again
+        waits.append(held.value.retry_after)
+    assert waits[0] < waits[1] < waits[2]  # asked again with backoff
+    limiter.pause(1.0)  # the caller that met the 429 waits anyway: not an error of its own
 
 
 # -- a pause that begins while a caller sleeps to its slot -----------------------------------------

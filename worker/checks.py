@@ -7,11 +7,16 @@ column or a value that does not fit its custom-field type is found now, not at r
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .errors import CrmsyncError, InvalidRecord
 from .settings import load_settings
 from .source.mapping import LocatedMapping, load_mapping
 from .source.reader import SourceReader, source_engine
+
+if TYPE_CHECKING:
+    from .proto import CustomField
+    from .runtime import Runtime
 
 SAMPLE_PAGES = 1
 
@@ -110,13 +115,14 @@ def _check_proto(settings: object, located: LocatedMapping | None) -> Iterator[t
     from .settings import Settings
 
     assert isinstance(settings, Settings)
+    rt = Runtime(settings)
     try:
-        client = Runtime(settings).client
-        fields = {f.name: f for f in client.list_custom_fields()}
+        fields = {f.name: f for f in rt.client.list_custom_fields()}
     except CrmsyncError as exc:
         yield False, f"Proto API at {settings.proto_base_url}: {exc}"
         return
     yield True, f"Proto API at {settings.proto_base_url}: authenticated, {len(fields)} custom fields defined"
+    yield from _check_registry(rt, fields)
     if located is None:
         return
     for i, spec in enumerate(located.mapping.custom_fields):
@@ -129,6 +135,29 @@ def _check_proto(settings: object, located: LocatedMapping | None) -> Iterator[t
                     f"{have.type} in Proto, not {spec.type}; types cannot change once created"
                 ),
             )
+
+
+def _check_registry(rt: Runtime, fields: dict[str, CustomField]) -> Iterator[tuple[bool, str]]:
+    """Every registered custom field must be in Proto under its registered id (not deleted there)."""
+    try:
+        registered = rt.store.registered_fields()
+    except CrmsyncError:
+        return  # the state DB check above already said what is wrong
+    stale = 0
+    for name, f in sorted(registered.items()):
+        now = fields.get(name)
+        if now is not None and now.id == f.id:
+            continue
+        stale += 1
+        found = f"Proto's field of that name is {now.id}" if now else "Proto has no field of that name"
+        yield (
+            False,
+            f"custom field {name!r} is registered as id {f.id}, which Proto no longer has ({found}; deleted "
+            "in Proto?): run `crmsync sync full --force --wait` to ensure it again and re-send every customer's "
+            "values (a sync sending it ensures it again by itself, for the customers it sends)",
+        )
+    if registered and not stale:
+        yield True, f"custom-field registry: {len(registered)} fields, each in Proto under its registered id"
 
 
 def _check_mapping_change() -> Iterator[tuple[bool, str]]:

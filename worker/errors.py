@@ -12,8 +12,10 @@ them by remedy::
         ├── RetryableError     try again later: 5xx, timeouts, dropped connections
         │   ├── RateLimited    429: wait `retry_after` seconds; costs no error budget
         │   └── CircuitOpen    the API is down: held (not sent) until the breaker's next probe
+        │       └── AuthPaused the credentials were refused: every call held until a probe passes
         └── PermanentError     the same request will fail again: 400, 404, 409, 422
-            └── AuthError      401, 403: the token or sub-company is wrong
+            ├── AuthError      401, 403: the token or sub-company is wrong
+            └── MissingCustomField  422: a custom-field id Proto no longer has (deleted there)
 """
 
 from __future__ import annotations
@@ -92,9 +94,34 @@ class CircuitOpen(RetryableError):
         self.retry_after = retry_after
 
 
+class AuthPaused(CircuitOpen):
+    """Sending to the sub-company is paused: Proto refused its credentials (401/403).
+
+    `reason` is the refusal's message, naming the setting to fix; the pause lifts by itself once
+    a probe call gets an answer that is not a refusal.
+    """
+
+    def __init__(self, reason: str, *, retry_after: float) -> None:
+        super().__init__(
+            f"{reason} (sending is paused for every worker; next probe in {retry_after:.1f} s)", retry_after=retry_after
+        )
+        self.reason = reason
+
+
 class PermanentError(ProtoError):
     """A failure that the same request will meet again (400, 404, 409, 422)."""
 
 
 class AuthError(PermanentError):
     """401 or 403: the bearer token or the sub-company id is wrong."""
+
+
+class MissingCustomField(PermanentError):
+    """add-custom-fields named a field id that Proto does not have (the field was deleted there).
+
+    `field_id` is the id the answer names, when it names one.
+    """
+
+    def __init__(self, message: str, *, field_id: str | None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.field_id = field_id

@@ -278,6 +278,10 @@ def wait_for_run(
         if on_progress:
             on_progress(progress)
         queued = progress.get("queued", 0)
+        run = rt.store.run(run_id)
+        if run is not None and run["status"] == "failed":
+            # Closed by its planner or its tasks (refused credentials): its contacts may wait queued.
+            raise CrmsyncError(f"run {run_id} failed: {run['error']}")
         if not queued:
             return rt.store.finish_run(run_id)
         if not alive():

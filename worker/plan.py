@@ -20,6 +20,7 @@ from typing import Any
 
 from .contact import PARTS, Contact, key_text, payload_hash, with_tag
 from .errors import InvalidRecord, SourceError
+from .fields import FIELDS_LOCK, FieldSpec, create_missing
 from .queues import Queue, queue_for
 from .runtime import Runtime
 from .settings import Settings
@@ -438,27 +439,18 @@ class Planner:
             return
         # Held while creating: another planner (a key range of this run, an incremental run)
         # may need the same field now, and Proto would take a second field of the same name.
-        with self.rt.store.holding("custom-fields"):
+        with self.rt.store.holding(FIELDS_LOCK):
             registry.update(self.rt.store.field_ids())
             if needed := needed - set(registry):
                 self._create_fields(needed, registry)
 
     def _create_fields(self, needed: set[str], registry: dict[str, str]) -> None:
-        client = self.rt.client
-        existing = {f.name: f for f in client.list_custom_fields()}
         specs = {f.name: f for f in self.mapping.column_fields}
-        found = []
-        for name in sorted(needed):
-            if name in existing:
-                f = existing[name]
-            else:
-                spec = specs.get(name)
-                type_ = spec.type if spec else self.mapping.query_field_type(name)
-                f = client.create_custom_field(name, type_, spec.options if spec else None)
-                log.info("created custom field %s (%s) in Proto", name, type_)
-            found.append((f.name, f.id, f.type, f.select_options))
-            registry[f.name] = f.id
-        self.rt.store.register_fields(found)
+        wanted: dict[str, FieldSpec] = {}
+        for name in needed:
+            spec = specs.get(name)
+            wanted[name] = (spec.type, spec.options) if spec else (self.mapping.query_field_type(name), None)
+        registry.update(create_missing(self.rt, wanted))
 
 
 class RangeFailed(SourceError):

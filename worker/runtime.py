@@ -6,6 +6,7 @@ Built once per process, lazily, so that a command that needs no API never builds
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import threading
 from functools import cached_property
@@ -85,6 +86,7 @@ class Runtime:
             breaker=self.breaker,
             retry=self.retry_policy(),
             timeout=s.request_timeout,
+            token_setting=token_setting(s),
         )
 
     def retry_policy(self) -> RetryPolicy:
@@ -121,6 +123,11 @@ class Runtime:
                 self._fields = self.store.field_ids()
             return self._fields.get(name)
 
+    def forget_field_ids(self) -> None:
+        """Drop the cache of custom-field ids: the next lookup reads the registry again."""
+        with self._fields_lock:
+            self._fields = {}
+
     def redact(self, text: str) -> str:
         """`text` without the bearer token."""
         token = self.settings.proto_token
@@ -135,6 +142,17 @@ class Runtime:
             built["store"].engine.dispose()
         if built.get("redis") is not None:
             built["redis"].close()
+
+
+def token_setting(s: Settings) -> str:
+    """The setting the bearer token came from, for a message that must name it (never the token)."""
+    path = s.proto_token_file
+    if path is not None and s.proto_token is not None:
+        # CRMSYNC_PROTO_TOKEN, when set, wins over the file: the file is the source if it holds this token.
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if path.read_text().strip() == s.proto_token.get_secret_value():
+                return f"CRMSYNC_PROTO_TOKEN_FILE ({path})"
+    return "CRMSYNC_PROTO_TOKEN"
 
 
 def at_latest_migration(engine: sa.Engine, versions: Path = MIGRATIONS / "versions") -> bool:

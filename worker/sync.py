@@ -12,12 +12,15 @@ from enum import StrEnum
 from typing import Any
 
 from .contact import PARTS, Contact, payload_hash
-from .errors import CircuitOpen, PermanentError, ProtoError, RateLimited
+from .errors import AuthError, AuthPaused, CircuitOpen, MissingCustomField, PermanentError, ProtoError, RateLimited
+from .fields import heal_fields
 from .metrics import counts_outcome
 from .runtime import Runtime
 from .state.store import PartHashes
 
 log = logging.getLogger(__name__)
+# The hold of a task whose own call was refused: about when the pause's first probe goes.
+AUTH_RETRY_AFTER = 1.0
 
 
 class Outcome(StrEnum):
@@ -95,10 +98,15 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
             if contact.hashes[part] != sent[part]:
                 _send(rt, contact, part)
                 sent[part] = contact.hashes[part]
-    except (CircuitOpen, RateLimited):
+    except AuthError as exc:
+        # The sub-company's credentials were refused, not this contact: it stays queued, its run
+        # fails naming the setting, and the task defers like a held one (the client paused sending).
+        _held(rt, contact, run_id, sent, exc)
+        raise AuthPaused(str(exc), retry_after=AUTH_RETRY_AFTER) from None
+    except (CircuitOpen, RateLimited) as exc:
         # Held by the breaker, or throttled past the call's time on hold: keep what was sent;
         # the task defers itself and comes back. Never a dead letter: the API said "later".
-        rt.store.record_outcome(contact.key, run_id, "queued", sent, None)
+        _held(rt, contact, run_id, sent, exc)
         raise
     except ProtoError as exc:
         _dead_letter(rt, msg, contact, run_id, sent, exc)
@@ -113,6 +121,15 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
         for key in rt.store.ready_tickets(customer=contact.key):
             send_ticket(rt, key)
     return Outcome.SYNCED
+
+
+def _held(rt: Runtime, contact: Contact, run_id: str | None, sent: dict[str, str | None], exc: ProtoError) -> None:
+    """Leave the contact queued with what was sent; a refusal of the credentials also fails its run."""
+    rt.store.record_outcome(contact.key, run_id, "queued", sent, None)
+    reason = exc.reason if isinstance(exc, AuthPaused) else str(exc) if isinstance(exc, AuthError) else None
+    if reason and run_id and rt.store.fail_run(run_id, rt.redact(reason)):
+        # Once per run (only an open run is failed): its one error names the setting to fix.
+        log.error("run %s failed: %s", run_id, rt.redact(reason))
 
 
 def _in_proto(rt: Runtime, key: str) -> bool:
@@ -134,13 +151,25 @@ def _send(rt: Runtime, contact: Contact, part: str) -> None:
     elif part == "tags" and contact.tags:
         client.add_tags(contact.key, contact.tags)
     elif part == "fields" and contact.fields:
-        values = []
-        for name, value in contact.fields.items():
-            field_id = rt.field_id(name)
-            if field_id is None:
-                raise PermanentError(f"custom field {name!r} is not registered; run `crmsync sync` to create it")
-            values.append((field_id, value))
-        client.add_custom_fields(contact.key, values)
+        ids = _field_ids(rt, contact)
+        try:
+            client.add_custom_fields(contact.key, [(ids[n], v) for n, v in contact.fields.items()])
+        except MissingCustomField as exc:
+            # A field deleted in Proto since it was registered: ensure it again (once), send again.
+            heal_fields(rt, ids, exc.field_id)
+            ids = _field_ids(rt, contact)
+            client.add_custom_fields(contact.key, [(ids[n], v) for n, v in contact.fields.items()])
+
+
+def _field_ids(rt: Runtime, contact: Contact) -> dict[str, str]:
+    """The registered Proto id of each custom field of the contact, by name."""
+    ids = {}
+    for name in contact.fields:
+        field_id = rt.field_id(name)
+        if field_id is None:
+            raise PermanentError(f"custom field {name!r} is not registered; run `crmsync sync` to create it")
+        ids[name] = field_id
+    return ids
 
 
 def _dead_letter(

@@ -3,7 +3,8 @@
 create-ticket is a POST with no idempotency key, so a blind retry can open a ticket twice.
 Each case is claimed (`pending` -> `sending`, committed) before the call; only one claim can
 win, and a call whose outcome is unknown (a timeout after the request left, a 5xx) is left
-`unknown` for an operator to confirm or retry: never retried by crmsync itself.
+`unknown` for an operator to confirm or retry: never retried by crmsync itself. A call that
+surely never reached Proto (held, refused credentials, connection refused) is `pending` again.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
-from .errors import PermanentError, ProtoError
+from .errors import AuthError, PermanentError, ProtoError
 from .runtime import Runtime
 from .source.mapping import TicketsSpec
 from .source.reader import SourceReader
@@ -57,10 +58,12 @@ def send_ticket(rt: Runtime, key: str) -> str:
         proto_id = rt.client.create_ticket(ticket["subject"], provided_unique_id=ticket["customer"])
     except ProtoError as exc:
         error = rt.redact(str(exc))
-        if isinstance(exc, PermanentError):
+        if isinstance(exc, AuthError) or getattr(exc, "not_sent", False):
+            # Surely not created: refused credentials (the sub-company is paused), or never sent
+            # (held by the breaker, the limiter's store unreachable, connection refused). Sent again later.
+            status = "pending"
+        elif isinstance(exc, PermanentError):
             status = "failed"
-        elif getattr(exc, "not_sent", False):
-            status = "pending"  # surely never reached Proto: safe to send again later
         else:
             status = "unknown"  # may exist in Proto: an operator confirms or retries
         log.warning("ticket %s: %s (%s)", key, status, error)

@@ -14,7 +14,15 @@ from typing import Any
 import httpx
 import tenacity
 
-from ..errors import AuthError, CircuitOpen, PermanentError, ProtoError, RateLimited, RetryableError
+from ..errors import (
+    AuthError,
+    CircuitOpen,
+    MissingCustomField,
+    PermanentError,
+    ProtoError,
+    RateLimited,
+    RetryableError,
+)
 from ..metrics import timed_call
 from . import _wire
 from ._breaker import Breaker, LocalBreaker
@@ -39,9 +47,12 @@ class ProtoClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = tenacity.nap.sleep,
+        token_setting: str = "CRMSYNC_PROTO_TOKEN",
     ) -> None:
+        """`token_setting` names where the token came from, for the message of a refusal."""
         self.subcompany_id = subcompany_id
         self._token = token
+        self._token_setting = token_setting
         self._limiter = limiter or LocalLimiter(rate=50.0)
         self._breaker = breaker or LocalBreaker()
         self._retry = retry or RetryPolicy()
@@ -138,6 +149,10 @@ class ProtoClient:
             # Timed on the wire alone (the limiter's wait is not the API's latency), every try counted.
             with timed_call(route):
                 result = self._exchange(route, method, url, body, params)
+        except AuthError as exc:
+            # Every other call would be refused too: pause them all (shared, like the breaker).
+            self._breaker.on_auth_failure(str(exc))
+            raise
         except RetryableError as exc:
             if isinstance(exc, RateLimited):
                 raise
@@ -189,8 +204,21 @@ class ProtoClient:
         if status >= 500 or status == 408:
             return RetryableError(message, status=status, body=body, route=route)
         if status in (401, 403):
-            return AuthError(message, status=status, body=body, route=route)
+            return AuthError(self._refusal(status, message), status=status, body=body, route=route)
+        if status == 422 and route == "add_custom_fields":
+            missing = _wire.missing_custom_field(body)
+            if missing is not None:
+                return MissingCustomField(message, field_id=missing or None, status=status, body=body, route=route)
         return PermanentError(message, status=status, body=body, route=route)
+
+    def _refusal(self, status: int, message: str) -> str:
+        """What a 401 or 403 means, naming the settings to fix (never the token itself)."""
+        if status == 401:
+            return f"Proto refused the bearer token ({message}): check {self._token_setting}"
+        return (
+            f"Proto refused access to sub-company {self.subcompany_id} ({message}): check "
+            f"CRMSYNC_PROTO_SUBCOMPANY_ID, and that {self._token_setting} is this sub-company's token"
+        )
 
     def redact(self, text: str) -> str:
         """`text` with the bearer token replaced, for anything that may be logged or stored."""

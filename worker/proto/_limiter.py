@@ -11,6 +11,10 @@ after the pause. So a 429 holds the requests already booked as well as the later
 live in the same Redis, one script does both, so a call costs one round trip to be booked
 (and one more, a GET, if it had to sleep).
 
+A Redis that cannot be reached holds the call (CircuitOpen, never sent), to be asked again after
+a wait that doubles up to a cap: the retry policy's time on hold bounds it, and the task then
+defers itself. A call is never failed, nor a ticket left `unknown`, for want of a slot.
+
 `RedisLimiter` shares one schedule among every process on every host. A Lua script is used
 rather than a library: pyrate-limiter and limits answer "allowed now or not", which makes
 waiters poll and bunch up at window edges; GCRA with a reservation tells each caller exactly
@@ -19,13 +23,15 @@ how long to sleep, which is what keeps the limiter busy without bursts that trip
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..errors import RetryableError
-from ._breaker import HOLD_CHECK, Breaker, RedisBreaker
+from ._breaker import HOLD_CHECK, Breaker, RedisBreaker, StoreBackoff, store_unreachable
+
+log = logging.getLogger(__name__)
 
 
 class Limiter(Protocol):
@@ -83,14 +89,14 @@ class LocalLimiter:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
 
 
-# KEYS: tat, paused[, the breaker's hold_keys]; ARGV: interval, burst[, the breaker's probe_ms].
-# With the breaker's keys, a call it holds books nothing: the answer is {ms to its next probe}.
+# KEYS: tat, paused[, the breaker's hold_keys]; ARGV: interval, burst[, the breaker's hold_args()].
+# With the breaker's keys, a call it holds books nothing: the answer is {'held', HOLD_CHECK's answer...}.
 _GCRA = (
     HOLD_CHECK
     + """
 if KEYS[3] then
-  local held = breaker_holds(KEYS[3], KEYS[4], ARGV[3])
-  if held then return {held} end
+  local held = breaker_holds(KEYS[3], KEYS[4], ARGV[3], KEYS[5], KEYS[6], ARGV[4])
+  if held then return {'held', held[1], held[2]} end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -129,6 +135,7 @@ class RedisLimiter:
         self._keys = [f"crmsync:limiter:{name}:tat", f"crmsync:limiter:{name}:paused"]
         self._gcra = redis_client.register_script(_GCRA)
         self._pause = redis_client.register_script(_PAUSE)
+        self._backoff = StoreBackoff()
 
     def acquire(self, breaker: Breaker | None = None) -> None:
         """Ask `breaker`, book the next shared slot and sleep until it; book again if a pause began meanwhile.
@@ -141,33 +148,39 @@ class RedisLimiter:
         keys: list[str] = self._keys
         args: list[Any] = [self.interval, self.burst]
         if shared is not None:
-            keys, args = [*keys, *shared.hold_keys], [*args, shared.probe_ms]
+            keys, args = [*keys, *shared.hold_keys], [*args, *shared.hold_args()]
         elif breaker is not None:
             breaker.before_call()
         try:
             while True:
                 booked = self._gcra(keys=keys, args=args)
-                if shared is not None and len(booked) == 1:  # held by the breaker: no slot was booked
-                    raise shared.held(int(booked[0]))
+                if shared is not None and len(booked) == 3:  # held by the breaker: no slot was booked
+                    raise shared.held(booked[1:])
                 wait, paused = booked
                 # The breaker was asked once: a caller booking again after a pause may be its probe.
                 keys, args = self._keys, args[:2]
                 if float(wait) <= 0:
-                    return
+                    break
                 time.sleep(float(wait))
                 # A pause only ever moves later: a different value is a pause newer than our slot.
                 now_paused = self._redis.get(self._keys[1])
                 if float(now_paused or 0) == float(paused):
-                    return
+                    break
         except self._redis_errors as exc:
-            raise RetryableError(f"the shared rate limiter (Redis) failed: {exc}") from None
+            # Nothing was sent: the call waits (held) and asks again, rather than fail.
+            raise store_unreachable("rate limiter", exc, self._backoff.next_wait()) from None
+        self._backoff.reset()
 
     def pause(self, seconds: float) -> None:
-        """Hold every process for `seconds` from now."""
+        """Hold every process for `seconds` from now; best effort when Redis is unreachable.
+
+        The caller that met the 429 waits its Retry-After anyway: only the other processes
+        would not know, and their own 429s tell them.
+        """
         try:
             self._pause(keys=self._keys[1:], args=[seconds])
         except self._redis_errors as exc:
-            raise RetryableError(f"the shared rate limiter (Redis) failed: {exc}") from None
+            log.warning("could not share a %.1f s cool-down through Redis: %s", seconds, exc)
 
     def paused_for(self, redis_client: Any) -> float:
         """Seconds left of a shared cool-down (0 when none)."""

@@ -8,6 +8,7 @@ is what changes.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -177,6 +178,30 @@ def ticket_body(subject: str, **customer: str | None) -> dict[str, Any]:
     if len(given) != 1 or not set(given) <= set(TICKET_CUSTOMER_IDS):
         raise ValueError(f"create-ticket takes exactly one of {', '.join(TICKET_CUSTOMER_IDS)}")
     return {"subject": subject, **given}
+
+
+# ASSUMED: add-custom-fields answers an unknown field id (a field deleted in Proto) with a 422
+# whose detail names the element (loc ending in "id") and says the field does not exist.
+MISSING_FIELD_WORDS = "does not exist"
+
+
+def missing_field_message(ref: str) -> str:
+    """The 422 message for an add-custom-fields element naming a field Proto does not have."""
+    return f"Custom field {ref!r} {MISSING_FIELD_WORDS}"
+
+
+def missing_custom_field(body: str) -> str | None:
+    """The field id an add-custom-fields 422 says does not exist, or None for any other 422."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    detail = data.get("detail") if isinstance(data, dict) else None
+    for item in detail if isinstance(detail, list) else []:
+        loc = item.get("loc") if isinstance(item, dict) else None
+        if isinstance(loc, list) and loc[-1:] == ["id"] and MISSING_FIELD_WORDS in str(item.get("msg")):
+            return str(item["input"]) if item.get("input") is not None else ""
+    return None
 
 
 @dataclass(frozen=True)

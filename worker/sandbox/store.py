@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CrmsyncError
-from ..proto._wire import PROFILE_FIELDS
+from ..proto._wire import PROFILE_FIELDS, missing_field_message
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -219,7 +219,7 @@ class SandboxStore:
                 if f is None:
                     raise Invalid(
                         ("body", "custom_fields", i, item.by),
-                        f"Custom field {item.ref!r} does not exist",
+                        missing_field_message(item.ref),
                         input_=item.ref,
                     )
                 problem = check_value(f.type, f.select_options, item.value)

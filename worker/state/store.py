@@ -19,6 +19,7 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from ..proto import CustomField
 from ..settings import DEFAULT_DEGRADED_THRESHOLD
 from ..sqlkeys import one_of
 from .models import CustomerSyncState, CustomFieldRecord, DeadLetter, Lock, SyncCursor, SyncRun, Ticket, utcnow
@@ -480,9 +481,18 @@ class StateStore:
         assert closed is not None
         return closed
 
-    def fail_run(self, run_id: str, error: str) -> None:
-        """Close a run whose planning stopped on an error: a failed run is degraded."""
-        self.update_run(run_id, status="failed", finished_at=utcnow(), error=error, degraded=True)
+    def fail_run(self, run_id: str, error: str) -> bool:
+        """Close a run that stopped on an error: a failed run is degraded. False if it was closed already.
+
+        Only an open run is closed, so the first error stays the run's one error.
+        """
+        with self._begin() as conn:
+            closed = conn.execute(
+                RUNS.update()
+                .where(RUNS.c.id == run_id, RUNS.c.status.in_(("planning", "running")))
+                .values(status="failed", finished_at=utcnow(), error=error, degraded=True)
+            ).rowcount
+        return bool(closed)
 
     def claim_uncounted_runs(self) -> list[dict[str, Any]]:
         """Closed runs no metrics have counted yet, each claimed by this call alone (across processes)."""
@@ -536,6 +546,12 @@ class StateStore:
         """Registered custom fields: name -> Proto id."""
         with self.engine.connect() as conn:
             return {n: i for n, i in conn.execute(sa.select(FIELDS.c.name, FIELDS.c.proto_id))}
+
+    def registered_fields(self) -> dict[str, CustomField]:
+        """Registered custom fields with their type and options: name -> definition."""
+        cols = (FIELDS.c.proto_id, FIELDS.c.name, FIELDS.c.type, FIELDS.c.select_options)
+        with self.engine.connect() as conn:
+            return {n: CustomField(i, n, t, tuple(o or ())) for i, n, t, o in conn.execute(sa.select(*cols))}
 
     def register_fields(self, fields: Iterable[tuple[str, str, str, Sequence[str]]]) -> None:
         """Record (name, id, type, options) of custom fields that exist in Proto."""
