@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -652,12 +653,27 @@ class StateStore:
 
     # -- tickets ---------------------------------------------------------------------------------
 
-    def add_tickets(self, cases: Sequence[tuple[str, str, str | None]]) -> int:
-        """Record (key, subject, customer) cases not seen before as pending; returns how many."""
-        keys = [k for k, _, _ in cases]
+    def add_tickets(
+        self, cases: Sequence[tuple[str, str, str | None]], duplicated: AbcMapping[str, int] | None = None
+    ) -> int:
+        """Record (key, subject, customer) cases not seen before as pending; returns how many.
+
+        A key in `duplicated` (held by several cases of the tickets query, with their number)
+        opens no ticket: its ticket is `refused`, with the reason, new or still pending (never
+        one already sent or being sent). A refused ticket whose key is held by one case again
+        is pending again, with that case's subject and customer.
+        """
+        duplicated = duplicated or {}
+        unique = {k: (s, c) for k, s, c in cases if k not in duplicated}
+        firsts = {k: (s, c) for k, s, c in reversed(cases) if k in duplicated}  # the first case of each
+        now = utcnow()
         with self._begin() as conn:
-            known = set(conn.execute(sa.select(TICKETS.c.key).where(TICKETS.c.key.in_(keys))).scalars())
-            now = utcnow()
+            held = {
+                k: status
+                for k, status in conn.execute(
+                    sa.select(TICKETS.c.key, TICKETS.c.status).where(TICKETS.c.key.in_([*unique, *firsts]))
+                )
+            }
             rows = [
                 {
                     "key": k,
@@ -668,12 +684,39 @@ class StateStore:
                     "created_at": now,
                     "updated_at": now,
                 }
-                for k, s, c in cases
-                if k not in known
+                for k, (s, c) in unique.items()
+                if k not in held
+            ]
+            rows += [
+                {
+                    "key": k,
+                    "subject": s,
+                    "customer": c,
+                    "status": "refused",
+                    "error": _refusal(duplicated[k]),
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for k, (s, c) in firsts.items()
+                if k not in held
             ]
             if rows:
                 conn.execute(TICKETS.insert(), rows)
-        return len(rows)
+            for k in (k for k in firsts if held.get(k) in ("pending", "refused")):
+                conn.execute(
+                    TICKETS.update()
+                    .where(TICKETS.c.key == k, TICKETS.c.status.in_(("pending", "refused")))
+                    .values(status="refused", error=_refusal(duplicated[k]), updated_at=now)
+                )
+            for k in (k for k in unique if held.get(k) == "refused"):
+                subject, customer = unique[k]
+                conn.execute(
+                    TICKETS.update()
+                    .where(TICKETS.c.key == k, TICKETS.c.status == "refused")
+                    .values(status="pending", subject=subject, customer=customer, error=None, updated_at=now)
+                )
+        return sum(1 for r in rows if r["status"] == "pending")
 
     def ready_tickets(self, customer: str | None = None) -> list[str]:
         """Pending tickets whose customer Proto already has (of one customer, if given)."""
@@ -795,6 +838,14 @@ def is_degraded(*, unsynced: int, read: int, enqueued: int, threshold: float) ->
     so a few bad rows in a nightly full sync of a big CRM do not make every night degraded.
     """
     return unsynced > threshold * max(read, enqueued, 1)
+
+
+def _refusal(cases: int) -> str:
+    """Why a ticket is refused: its case key is not one case's."""
+    return (
+        f"duplicate_key: the tickets query holds {cases} cases with this key; "
+        "no ticket is opened for it until only one is left"
+    )
 
 
 def _as_utc(value: dt.datetime) -> dt.datetime:
