@@ -680,6 +680,7 @@ class StateStore:
                     "subject": s,
                     "customer": c,
                     "status": "pending",
+                    "error": None,  # every row of one insert has the same columns
                     "attempts": 0,
                     "created_at": now,
                     "updated_at": now,
