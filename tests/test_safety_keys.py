@@ -244,6 +244,28 @@ def test_a_duplicate_letter_is_resolved_only_when_the_key_is_unique_again_and_it
     assert h.sync("full")["counts"]["enqueued"] == 0  # settled
 
 
+def test_a_task_planned_before_its_key_was_duplicated_leaves_the_duplicate_letter_open(
+    harness_on: Build, sandbox: Sandbox, tmp_path: Any
+) -> None:
+    url = f"sqlite:///{tmp_path / 'crm.db'}"
+    engine = make_crm(url, [{**person("k1", "Ada", 0), "email": "not-an-email"}])
+    h = harness_on(url, MAPPING)
+    h.sync("full")
+    assert open_letters(h) == {"k1": "InvalidRecord.invalid_email"}
+
+    with engine.begin() as conn:
+        conn.execute(people.update().values(email="ada@example.org"))
+    h.plan("full")  # k1 is planned again (its letter to resolve), its task still on the queue
+    with engine.begin() as conn:
+        conn.execute(people.insert(), [person("k1", "Eve", 5)])
+    h.planner.plan("full")  # a later run finds k1 twice: the same open letter, now a duplicate
+    h.drain()  # the first run's task syncs the row it was planned with
+
+    assert open_letters(h) == {"k1": "InvalidRecord.duplicate_key"}
+    h.sync("full")
+    assert status(h, "k1") == "dead" and open_letters(h) == {"k1": "InvalidRecord.duplicate_key"}
+
+
 # -- c. keys that MariaDB's collation holds equal --------------------------------------------------
 
 # Equal under MariaDB's default collations (case- and trailing-space-insensitive); distinct texts.

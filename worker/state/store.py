@@ -642,14 +642,19 @@ class StateStore:
         with self._begin() as conn:
             return int(conn.execute(query.values(state=state)).rowcount)
 
-    def resolve_dead_letters(self, key: str) -> None:
-        """A customer synced at last: its replayed or open letters are resolved."""
+    def resolve_dead_letters(self, key: str, planned_by: str | None = None) -> None:
+        """A customer synced at last: its replayed or open letters are resolved.
+
+        With `planned_by` (the run of the task that synced it), only the letters of failures
+        before that run began: a task planned before its key was found duplicated (still on
+        the queue then) did not sync the key as it now stands, and leaves that letter open.
+        """
+        open_letters = sa.and_(DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"]))
+        if planned_by is not None:
+            began = sa.select(RUNS.c.started_at).where(RUNS.c.id == planned_by).scalar_subquery()
+            open_letters = sa.and_(open_letters, DEAD.c.last_failed_at <= began)
         with self._begin() as conn:
-            conn.execute(
-                DEAD.update()
-                .where(DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"]))
-                .values(state="resolved")
-            )
+            conn.execute(DEAD.update().where(open_letters).values(state="resolved"))
 
     # -- tickets ---------------------------------------------------------------------------------
 
