@@ -480,10 +480,13 @@ def test_a_null_key_and_a_duplicated_key_become_invalid_rows_and_the_rest_of_the
 
     pages = list(make_reader(engine, batch_size=20).pages())
 
-    assert keys(pages) == [str(i) for i in range(1, 9)]
-    [duplicate] = pages[0].invalid
-    assert (duplicate.key, duplicate.error.code) == ("4", "duplicate_key")
-    assert len(pages[0]) == 9  # eight good contacts beside the duplicate
+    # No row of a duplicated key wins: both rows of 4 are invalid.
+    assert keys(pages) == [str(i) for i in range(1, 9) if i != 4]
+    assert sorted((r.key, r.error.code, r.row["email"]) for r in pages[0].invalid) == [
+        ("4", "duplicate_key", "other@example.com"),
+        ("4", "duplicate_key", "p4@example.com"),
+    ]
+    assert len(pages[0]) == 9  # seven good contacts beside the two rows of the duplicate
     # A NULL key has no place in key order: it comes on a page of its own, after the others.
     [keyless] = [r for p in pages[1:] for r in p.invalid]
     assert (keyless.key, keyless.error.code) == (None, "missing_key")
@@ -497,15 +500,15 @@ def duplicates(pages: list[Page]) -> list[tuple[str | None, str]]:
 
 def test_a_key_duplicated_across_a_page_boundary_is_flagged_not_skipped(engine: sa.Engine) -> None:
     rows = [person(i, i) for i in range(1, 8)]
-    rows.append(person(2, 20, email="second2@example.com"))  # pages of 2: [1, 2] [2, 3] ...
+    rows.append(person(2, 20, email="second2@example.com"))  # pages of 2 would cut [1, 2] [2, 3] ...
     rows += [person(5, 50 + n, email=f"copy{n}of5@example.com") for n in range(4)]  # 5 on three pages
     setup_contacts(engine, rows)
 
     pages = list(make_reader(engine, batch_size=2).pages())
 
-    assert keys(pages) == [str(i) for i in range(1, 8)]  # each key built once, none skipped
+    assert keys(pages) == ["1", "3", "4", "6", "7"]  # no row of a duplicated key is built
     found = duplicates(pages)
-    assert sorted(k for k, _ in found) == ["2", "5", "5", "5", "5"]  # every copy beyond the first
+    assert sorted(k for k, _ in found) == ["2", "2", "5", "5", "5", "5", "5"]  # every row of each
     assert sum(len(p) for p in pages) == len(rows)  # every row read exactly once
 
 
@@ -518,8 +521,8 @@ def test_a_key_duplicated_at_one_updated_at_across_a_page_boundary_is_flagged_in
 
     pages = list(make_reader(engine, batch_size=2).pages(since=T0))
 
-    assert keys(pages) == [str(i) for i in range(1, 6)]
-    assert [k for k, _ in duplicates(pages)] == ["2"]
+    assert keys(pages) == ["1", "3", "4", "5"]
+    assert [k for k, _ in duplicates(pages)] == ["2", "2"]
     assert sum(len(p) for p in pages) == len(rows)
 
 

@@ -336,7 +336,12 @@ class Planner:
                 continue
             parts = [p for p in PARTS if force or synced is None or contact.hashes[p] != synced.get(p)]
             retry_dead = force or result.kind == "replay"
-            if not parts or (not retry_dead and synced and synced.failed_hash == payload_hash(contact)):
+            # Dead (an invalid row, a duplicated key) though Proto holds this very contact: its
+            # task sends nothing, records it synced and resolves its letters.
+            revived = not parts and synced is not None and synced.status == "dead"
+            if not revived and (
+                not parts or (not retry_dead and synced and synced.failed_hash == payload_hash(contact))
+            ):
                 # Unchanged, or dead-lettered as it stands: only a change or a replay resends it.
                 counts["unchanged"] += 1
                 fingerprint = page.fingerprints.get(contact.key)
@@ -428,7 +433,7 @@ class Planner:
                 error_class=f"InvalidRecord.{err.code}",
                 message=f"{err.field}: {err}" if err.field else str(err),
             )
-        keyed = [r.key for r in rows if r.key is not None]
+        keyed = list(dict.fromkeys(r.key for r in rows if r.key is not None))  # a duplicated key once
         if keyed:
             self.rt.store.mark_dead(keyed, run_id, "invalid record")
 

@@ -3,7 +3,7 @@ each dialect allows, and PostgreSQL arrays sent in the cheap format."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,13 +15,46 @@ _ARRAY_TYPES: dict[type, Any] = {str: sa.Text, int: sa.BigInteger}
 
 
 def one_of(column: Any, keys: Sequence[Any], dialect: str) -> Any:
-    """`column IN keys`, as one array parameter on PostgreSQL when the keys are text or integers."""
+    """`column IN keys`, as one array parameter on PostgreSQL when the keys are text or integers.
+
+    Keys of several Python types (SQLite holds a float beside text in an untyped column) go as
+    one list per type: one list takes the type of its first value, and binding text as a float
+    fails the whole query ("could not convert string to float").
+    """
     kinds = {type(k) for k in keys}
     if dialect == "postgresql" and len(kinds) == 1 and (kind := kinds.pop()) in _ARRAY_TYPES:
         from sqlalchemy.dialects.postgresql import ARRAY  # here: SQLite-only processes never load it
 
         return column == sa.any_(sa.bindparam(None, list(keys), type_=ARRAY(_ARRAY_TYPES[kind]())))
+    if len(kinds) > 1:
+        by_kind: dict[type, list[Any]] = {}
+        for key in keys:
+            by_kind.setdefault(type(key), []).append(key)
+        return sa.or_(*(column.in_(group) for group in by_kind.values()))
     return column.in_(list(keys))
+
+
+def text_forms(keys: Iterable[Any]) -> list[Any]:
+    """The keys, and the SQLite values of other storage classes with the same key text.
+
+    A provided_unique_id is the key's text: integer 1 and text '1' are one customer, and so
+    are real 1.5 and text '1.5'. SQLite compares them as different values (an untyped column
+    keeps each as written), so a query for rows "with this key" asks for every form of it.
+    Blobs are left out: a key stored as a blob is not a key a CRM writes.
+    """
+    forms: dict[tuple[type, Any], Any] = {}
+    for key in keys:
+        text = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        forms[(type(key), key)] = key
+        forms[(str, text)] = text
+        for parse in (int, float):
+            try:
+                number = parse(text)
+            except (ValueError, OverflowError):
+                continue
+            if str(number) == text:  # only the number whose own text is this key
+                forms[(parse, number)] = number
+    return list(forms.values())
 
 
 def binary_arrays(engine: Engine) -> Engine:

@@ -113,7 +113,7 @@ def sync_contact(rt: Runtime, msg: dict[str, Any]) -> Outcome:
         return Outcome.DEAD
     rt.store.record_outcome(contact.key, run_id, "synced", sent, contact.version, fingerprint=msg.get("fingerprint"))
     if msg.get("was_dead"):
-        rt.store.resolve_dead_letters(contact.key)
+        rt.store.resolve_dead_letters(contact.key, planned_by=run_id)
     if msg.get("tickets"):
         # The customer exists now: its waiting tickets can go, each claimed before its call.
         from .tickets import send_ticket

@@ -24,10 +24,21 @@ log = logging.getLogger(__name__)
 def plan_tickets(
     rt: Runtime, reader: SourceReader, spec: TicketsSpec, enqueue: Callable[[list[str]], None]
 ) -> Counter[str]:
-    """Record new cases as pending, and enqueue the pending ones whose customer is synced."""
+    """Record new cases as pending, and enqueue the pending ones whose customer is synced.
+
+    A case key that the tickets query holds more than once is refused, not sent: which case
+    would win is arbitrary, and one key is one ticket (see StateStore.add_tickets).
+    """
     counts: Counter[str] = Counter()
     for page in reader.tickets(spec):
-        counts["tickets_new"] += rt.store.add_tickets(page)
+        counts["tickets_new"] += rt.store.add_tickets(page.cases, page.duplicated)
+        if page.duplicated:
+            counts["tickets_refused"] += len(page.duplicated)
+            log.warning(
+                "%d ticket keys are held by more than one case (e.g. %r): refused until each is one case's",
+                len(page.duplicated),
+                next(iter(page.duplicated)),
+            )
     ready = rt.store.ready_tickets()
     if ready:
         enqueue(ready)

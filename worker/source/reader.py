@@ -15,17 +15,17 @@ import datetime as dt
 import functools
 import hashlib
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ..contact import CANONICAL_FORM, Contact, build_contact, is_deleted, key_text
+from ..contact import CANONICAL_FORM, Contact, build_contact, is_deleted, key_text, unique_id
 from ..errors import InvalidRecord, SourceError
-from ..sqlkeys import binary_arrays, one_of
+from ..sqlkeys import binary_arrays, one_of, text_forms
 from .mapping import Mapping, TicketsSpec
 
 
@@ -47,7 +47,44 @@ class RawPage:
     fields: dict[str, list[tuple[Any, ...]]]
     last: tuple[Any, Any] | None = None
     max_updated: Any = None
-    keys_before: set[str] = field(default_factory=set)  # keys (as text) this page shares with the one before
+    # Rows of the whole source by key text, for the page's keys, where the page alone cannot tell.
+    source_counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """How a page matches its keys as text (the provided_unique_id they become).
+
+    `mixed`: the column holds keys of several SQLite storage classes, so a key is also looked
+    for in its other forms (1 as '1', see `text_forms`); `count`: the page counts the rows of
+    its keys in the whole source (see `SourceReader._keys`).
+    """
+
+    column: Any
+    mixed: bool = False
+    count: bool = False
+
+    def copies(self, conn: sa.Connection, raw_keys: Sequence[Any]) -> dict[str, int]:
+        """How many rows of the whole source hold each of these keys, by key text: one query."""
+        wanted = text_forms(raw_keys) if self.mixed else list(raw_keys)
+        query = sa.select(self.column).where(one_of(self.column, wanted, conn.dialect.name))
+        try:
+            found = _fetch(conn, query)[1]
+        except sa.exc.SQLAlchemyError as exc:
+            raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
+        # Grouped here, not by the database: MariaDB's collation would count `x` and `X` as one.
+        return dict(Counter(key_text(row[0]) for row in found))
+
+
+_Page = TypeVar("_Page")
+
+
+@dataclass(frozen=True)
+class TicketPage:
+    """One page of the tickets query: its cases, and the case keys it holds more than once."""
+
+    cases: list[tuple[str, str, str | None]]
+    duplicated: dict[str, int]  # case key -> how many cases the query holds with it
 
 
 @dataclass
@@ -217,74 +254,120 @@ class SourceReader:
         (updated_at, key) order; with `keys`, only those keys; otherwise all, in key order,
         or the range of keys after `start_after` up to `stop_at` (see `key_splits`). Rows
         without a key come last, in the range that has no `start_after`.
+
+        A page tells, in `source_counts`, how many rows the whole source holds of each of its
+        keys wherever the page alone cannot tell (see `_counted`): a key held twice is a
+        duplicate whichever of its rows a run reads.
         """
         src = self.mapping.source
         table = self._contacts_table()
         key_col = table.c[src.key]
+        if keys is not None:
+            yield from self._pages_of_keys(table, key_col, keys)
+            return
+        base = sa.select(table).where(key_col.is_not(None))
         if since is not None:
             if not src.updated_at:
                 raise SourceError("an incremental sync needs `source.updated_at` in the mapping")
             upd_col = table.c[src.updated_at]
             order = [upd_col, key_col]
+            base = base.where(upd_col >= self._since_bound(since))
         else:
             order = [key_col]
-        after: tuple[Any, Any] | None = None if start_after is None else (None, start_after)
+        if start_after is not None:
+            base = base.where(key_col > start_after)
+        if stop_at is not None:
+            base = base.where(key_col <= stop_at)
+        counted = self._keys(table, key_col, incremental=since is not None)
 
-        ordered_by_update = src.updated_at if since is not None else None
+        def read(conn: sa.Connection, query: sa.Select[Any]) -> RawPage:
+            page = self._read_page(conn, query, counted)
+            if page.rows:
+                last = page.rows[-1]
+                page.last = (last[src.updated_at] if since is not None and src.updated_at else None, last[src.key])
+            return page
 
-        def position(row: dict[str, Any]) -> tuple[Any, Any]:
-            return (row[ordered_by_update] if ordered_by_update else None, row[src.key])
-
-        # Rows at `after` already read. The next page starts at `after` itself, not past it, and
-        # drops them: a key the source holds twice is then never hidden by a page boundary (it
-        # is read, and flagged as a duplicate) rather than skipped without a word.
-        again = 0
-        key_chunks = (
-            [list(keys[i : i + self.batch_size]) for i in range(0, len(keys), self.batch_size)]
-            if keys is not None
-            else None
-        )
-        while True:
-            # Rows without a key have no keyset position: they are read apart, after the others.
-            limit = self.batch_size + again
-            query = sa.select(table).where(key_col.is_not(None)).order_by(*order).limit(limit)
-            if key_chunks is not None:
-                if not key_chunks:
-                    return
-                # Keys come as text (provided_unique_ids): compare as text, whatever the column type.
-                wanted = [str(k) for k in key_chunks.pop(0)]
-                query = sa.select(table).where(sa.cast(key_col, sa.String(255)).in_(wanted)).order_by(key_col)
-            elif after is not None:
-                from_key = key_col >= after[1] if again else key_col > after[1]
-                if since is not None:
-                    upd_col = table.c[src.updated_at]  # type: ignore[index]
-                    query = query.where(sa.or_(upd_col > after[0], sa.and_(upd_col == after[0], from_key)))
-                else:
-                    query = query.where(from_key)
-            elif since is not None:
-                query = query.where(table.c[src.updated_at] >= self._since_bound(since))  # type: ignore[index]
-            if stop_at is not None:
-                query = query.where(key_col <= stop_at)
-            page = self._read_page(query)
-            fetched = page.rows
-            skip = 0
-            while skip < min(again, len(fetched)) and position(fetched[skip]) == after:
-                skip += 1
-            rows = page.rows = fetched[skip:]
-            if not rows and key_chunks is None:
-                break
-            if rows:
-                if position(rows[0]) == after:  # more rows where the last page ended: duplicates
-                    page.keys_before.add(str(after[1]))
-                last = position(rows[-1])
-                tail = next((i for i, r in enumerate(reversed(rows)) if position(r) != last), len(rows))
-                again = tail + skip if tail == len(rows) and last == after else tail
-                after = page.last = last
-            yield page
-            if key_chunks is None and len(fetched) < limit:
-                break
+        for page in self._keyset_pages(base, order, read):
+            if page.rows:
+                yield page
         if start_after is None:
             yield from self._keyless_pages(table, key_col, since)
+
+    def _pages_of_keys(self, table: sa.Subquery, key_col: Any, keys: Sequence[Any]) -> Iterator[RawPage]:
+        """The rows of the given keys (a replay), a page of keys at a time.
+
+        Keys come as text (provided_unique_ids) and are compared as text, whatever the column
+        type: every row of a key is on the page of that key, so the page counts its copies.
+        """
+        keys_of = self._keys(table, key_col, incremental=False)
+        for i in range(0, len(keys), self.batch_size):
+            wanted = [str(k) for k in keys[i : i + self.batch_size]]
+            query = sa.select(table).where(sa.cast(key_col, sa.String(255)).in_(wanted)).order_by(key_col)
+            with self._connect() as conn:
+                yield self._read_page(conn, query, replace(keys_of, count=False))
+
+    def _keyset_pages(
+        self,
+        base: sa.Select[Any],
+        order: list[Any],
+        read: Callable[[sa.Connection, sa.Select[Any]], _Page],
+        what: str = "reading contacts",
+    ) -> Iterator[_Page]:
+        """The rows of `base` in `order`, a page at a time, each read by `read` on one connection.
+
+        A page is a closed range of positions, after the last page's edge up to its own, both
+        as the database compares them: its edge is the position of its `batch_size`-th row,
+        and every row the database holds equal to the edge is on the page. The database may
+        hold equal what differs in Python (MariaDB's collations: `x`, `X` and `x `), and
+        rows it holds equal come in no set order: a boundary between them would skip some and
+        repeat others, for ever when there are more of them than a page. So a boundary never
+        falls between them, the next page starts past them, and the read always advances. A
+        page is longer than `batch_size` only by such rows.
+        """
+        after: tuple[Any, ...] | None = None
+        while True:
+            query = base if after is None else base.where(_past(order, after))
+            edge_query = query.with_only_columns(*order).order_by(*order).offset(self.batch_size - 1).limit(1)
+            with self._connect() as conn:
+                try:
+                    found = _fetch(conn, edge_query)[1]
+                except sa.exc.SQLAlchemyError as exc:
+                    raise SourceError(f"{what} failed: {_reason(exc)}") from None
+                edge = tuple(found[0]) if found else None
+                yield read(conn, (query if edge is None else query.where(_up_to(order, edge))).order_by(*order))
+            if edge is None:
+                return
+            after = edge
+
+    def _keys(self, table: sa.Subquery, key_col: Any, *, incremental: bool) -> _Keys:
+        """What a page must do to match its keys as text: count their copies elsewhere or not.
+
+        A full read in key order has every row the database holds equal to a key on that key's
+        page (see `_keyset_pages`), and on PostgreSQL and MariaDB a key column has one type, so
+        rows of one key text are equal there: the page sees all the copies. Not so for an
+        incremental read (only changed rows, in updated_at order), nor on SQLite when the key
+        column mixes storage classes (1 and '1': numbers sort before text). Those pages count
+        their keys' rows in the whole source, with one query on the key column.
+        """
+        mixed = self._mixed_classes(table, key_col)
+        return _Keys(key_col, mixed, count=incremental or mixed)
+
+    def _mixed_classes(self, table: sa.Subquery, key_col: Any) -> bool:
+        """Whether SQLite holds keys of several storage classes in the column (numbers and text).
+
+        SQLite orders numbers before text and text before blobs: the smallest and the largest
+        key tell, two lookups on the column's index.
+        """
+        if self.engine.dialect.name != "sqlite":
+            return False
+        keyed = sa.select(key_col).where(key_col.is_not(None)).limit(1)
+        with self._connect() as conn:
+            try:
+                ends = [_fetch(conn, keyed.order_by(o))[1] for o in (key_col.asc(), key_col.desc())]
+            except sa.exc.SQLAlchemyError as exc:
+                raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
+        classes = {_storage_class(rows[0][0]) for rows in ends if rows}
+        return len(classes) > 1
 
     def _keyless_pages(self, table: sa.Subquery, key_col: Any, since: Any) -> Iterator[RawPage]:
         """The rows whose key is NULL, as pages of invalid rows (by offset: they have no keyset)."""
@@ -293,35 +376,41 @@ class SourceReader:
             upd_col = table.c[self.mapping.source.updated_at]  # type: ignore[index]
             query = query.where(upd_col >= self._since_bound(since)).order_by(upd_col)
         offset = 0
-        while (page := self._read_page(query.limit(self.batch_size).offset(offset))).rows:
+        while True:
+            with self._connect() as conn:
+                page = self._read_page(conn, query.limit(self.batch_size).offset(offset), _Keys(key_col))
+            if not page.rows:
+                return
             yield page
             if len(page.rows) < self.batch_size:
                 return
             offset += len(page.rows)
 
-    def _read_page(self, query: sa.Select[Any]) -> RawPage:
+    def _read_page(self, conn: sa.Connection, query: sa.Select[Any], counted: _Keys) -> RawPage:
         """The rows of `query` and their side rows, on one connection (one checkout a page)."""
-        with self._connect() as conn:
-            try:
-                names, fetched = _fetch(conn, query)
-            except sa.exc.SQLAlchemyError as exc:
-                raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
-            rows = [dict(zip(names, row, strict=True)) for row in fetched]
-            return self._raw_page(conn, rows)
+        try:
+            names, fetched = _fetch(conn, query)
+        except sa.exc.SQLAlchemyError as exc:
+            raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
+        rows = [dict(zip(names, row, strict=True)) for row in fetched]
+        return self._raw_page(conn, rows, counted)
 
-    def _raw_page(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> RawPage:
+    def _raw_page(self, conn: sa.Connection, rows: list[dict[str, Any]], counted: _Keys) -> RawPage:
         src = self.mapping.source
         raw_keys = [r[src.key] for r in rows if r.get(src.key) is not None]
+        mixed = counted.mixed
         tags = (
-            self._side_rows(conn, self.mapping.tags.query, raw_keys)
+            self._side_rows(conn, self.mapping.tags.query, raw_keys, mixed)
             if self.mapping.tags and self.mapping.tags.query
             else {}
         )
         fields: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         for query in self.mapping.field_queries:
-            for k, vals in self._side_rows(conn, query, raw_keys).items():
+            for k, vals in self._side_rows(conn, query, raw_keys, mixed).items():
                 fields[k].extend(vals)
         page = RawPage(rows, tags, fields)
+        if counted.count and raw_keys:
+            page.source_counts = counted.copies(conn, raw_keys)
         if src.updated_at:
             for row in rows:
                 upd = moment(row.get(src.updated_at))
@@ -339,26 +428,33 @@ class SourceReader:
         src = self.mapping.source
         page = Page(last=raw.last, max_updated=raw.max_updated)
         no_side: list[tuple[Any, ...]] = []
-        seen = set(raw.keys_before)  # a key read on the page before is a duplicate here too
+        copies = Counter(key_text(r[src.key]) for r in raw.rows if r.get(src.key) is not None)
+        for text, held in raw.source_counts.items():
+            copies[text] = max(copies[text], held)
         for row in raw.rows:
             raw_key = row.get(src.key)
-            skey = None if raw_key is None else str(raw_key)
+            skey = None if raw_key is None else key_text(raw_key)
             tags = raw.tags.get(skey, no_side) if skey is not None else no_side
             fields = raw.fields.get(skey, no_side) if skey is not None else no_side
-            fingerprint = None
-            if verdict is not None and skey is not None and skey not in seen:
-                fingerprint = row_fingerprint(row, tags, fields, self.fingerprint_salt)
-                reason = verdict(key_text(raw_key), fingerprint)
-                # A deleted row is always built: it is counted as deleted, whatever its fate.
-                if reason is not None and not is_deleted(self.mapping, row):
-                    seen.add(skey)
-                    page.ruled_out[reason] = page.ruled_out.get(reason, 0) + 1
-                    continue
             try:
-                if skey is not None and skey in seen:
+                if skey is not None and copies[skey] > 1:
+                    unique_id(raw_key)  # a key that cannot be sent says so first
+                    # No row of the key wins: which one a run would send depends on its order
+                    # (key or updated_at) and its page size, and each run would undo the last.
                     raise InvalidRecord(
-                        "duplicate_key", f"key {skey!r} appears more than once in the source", "source.key"
+                        "duplicate_key",
+                        f"key {skey!r} is held by {copies[skey]} rows of the source: "
+                        "none of them is sent until only one is left",
+                        "source.key",
                     )
+                fingerprint = None
+                if verdict is not None and skey is not None:
+                    fingerprint = row_fingerprint(row, tags, fields, self.fingerprint_salt)
+                    reason = verdict(skey, fingerprint)
+                    # A deleted row is always built: it is counted as deleted, whatever its fate.
+                    if reason is not None and not is_deleted(self.mapping, row):
+                        page.ruled_out[reason] = page.ruled_out.get(reason, 0) + 1
+                        continue
                 contact = build_contact(
                     self.mapping,
                     row,
@@ -368,55 +464,65 @@ class SourceReader:
             except InvalidRecord as exc:
                 page.invalid.append(InvalidRow(skey, exc, _json_safe(row)))
                 continue
-            seen.add(contact.key)
             if fingerprint is not None:
                 page.fingerprints[contact.key] = fingerprint
             (page.deleted if contact.deleted else page.contacts).append(contact)
         return page
 
-    def tickets(self, spec: TicketsSpec) -> Iterator[list[tuple[str, str, str | None]]]:
-        """The cases of the `tickets:` query as (key, subject, customer key), in keyset pages."""
+    def tickets(self, spec: TicketsSpec) -> Iterator[TicketPage]:
+        """The cases of the `tickets:` query as (key, subject, customer key), in keyset pages.
+
+        Each page says which of its case keys the query holds more than once (compared as
+        text, like contact keys): no ticket can be opened for such a key, whichever case it is.
+        """
         names = self._probe(spec.query)
         for col in (spec.key, spec.subject, spec.customer):
             if col not in names:
                 raise SourceError(f"the tickets query returns no column {col!r} (it returns {', '.join(names)})")
         table = sa.text(spec.query).columns(*[sa.column(n) for n in names]).subquery("cases")
         key = table.c[spec.key]
-        after: Any = None
-        while True:
-            query = (
-                sa.select(key, table.c[spec.subject], table.c[spec.customer])
-                .where(key.is_not(None))
-                .order_by(key)
-                .limit(self.batch_size)
-            )
-            if after is not None:
-                query = query.where(key > after)
-            with self._connect() as conn:
-                try:
-                    rows = list(conn.execute(query))
-                except sa.exc.SQLAlchemyError as exc:
-                    raise SourceError(f"the tickets query failed: {_reason(exc)}") from None
-            if not rows:
-                return
-            yield [(str(k), str(s or ""), None if c is None else str(c)) for k, s, c in rows]
-            if len(rows) < self.batch_size:
-                return
-            after = rows[-1][0]
+        keys_of = self._keys(table, key, incremental=False)
+        base = sa.select(key, table.c[spec.subject], table.c[spec.customer]).where(key.is_not(None))
 
-    def _side_rows(self, conn: sa.Connection, sql: str, raw_keys: list[Any]) -> dict[str, list[tuple[Any, ...]]]:
-        """Rows of a `(key, ...)` query for the given keys, grouped by key text."""
+        def read(conn: sa.Connection, query: sa.Select[Any]) -> TicketPage:
+            try:
+                rows: Sequence[Any] = _fetch(conn, query)[1]
+            except sa.exc.SQLAlchemyError as exc:
+                raise SourceError(f"the tickets query failed: {_reason(exc)}") from None
+            cases = [(key_text(k), str(s or ""), None if c is None else key_text(c)) for k, s, c in rows]
+            copies = Counter(k for k, _, _ in cases)
+            if keys_of.count and rows:
+                for text, held in keys_of.copies(conn, [r[0] for r in rows]).items():
+                    copies[text] = max(copies[text], held)
+            return TicketPage(cases, {k: n for k, n in copies.items() if n > 1})
+
+        for page in self._keyset_pages(base, [key], read, what="the tickets query"):
+            if page.cases:
+                yield page
+
+    def _side_rows(
+        self, conn: sa.Connection, sql: str, raw_keys: list[Any], mixed: bool = False
+    ) -> dict[str, list[tuple[Any, ...]]]:
+        """Rows of a `(key, ...)` query for the given keys, grouped by key text.
+
+        Matched as the text the key becomes (the provided_unique_id): the database finds the
+        candidates on its own terms (every form of a key on SQLite when the key column mixes
+        storage classes; `X` for `x` under MariaDB's collations), and only a side row whose
+        key has exactly a page key's text belongs to it.
+        """
         if not raw_keys:
             return {}
         names = self._side_columns.get(sql)
         if names is None:  # probed once per reader, not once per page
             names = self._side_columns[sql] = self._probe(sql)
         side = sa.text(sql).columns(*[sa.column(n) for n in names]).subquery("side")
-        query = sa.select(*side.c).where(one_of(side.c[names[0]], raw_keys, self.engine.dialect.name))
+        wanted = text_forms(raw_keys) if mixed else raw_keys
+        query = sa.select(*side.c).where(one_of(side.c[names[0]], wanted, self.engine.dialect.name))
         out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
         try:
             for row in _fetch(conn, query)[1]:
-                out[str(row[0])].append(tuple(row[1:]))
+                if row[0] is not None:
+                    out[key_text(row[0])].append(tuple(row[1:]))
         except sa.exc.SQLAlchemyError as exc:
             raise SourceError(f"a tag or custom-field query failed: {_reason(exc)}") from None
         return out
@@ -447,6 +553,27 @@ def _fetch(conn: sa.Connection, query: Any) -> tuple[list[str], Sequence[sa.Row[
         return list(result.keys()), result.fetchall()
     finally:
         sqlite.text_factory = str  # type: ignore[union-attr]
+
+
+def _past(order: list[Any], position: tuple[Any, ...]) -> Any:
+    """`order`'s columns after `position`, compared as the database compares them."""
+    if len(order) == 1:
+        return order[0] > position[0]
+    return sa.or_(order[0] > position[0], sa.and_(order[0] == position[0], order[1] > position[1]))
+
+
+def _up_to(order: list[Any], position: tuple[Any, ...]) -> Any:
+    """`order`'s columns up to `position` included, compared as the database compares them."""
+    if len(order) == 1:
+        return order[0] <= position[0]
+    return sa.or_(order[0] < position[0], sa.and_(order[0] == position[0], order[1] <= position[1]))
+
+
+def _storage_class(value: Any) -> str:
+    """SQLite's storage class of a value as the driver returned it (int and float: numbers)."""
+    if isinstance(value, int | float):
+        return "number"
+    return "blob" if isinstance(value, bytes) else "text"
 
 
 def _text_or_bytes(value: bytes) -> str | bytes:

@@ -142,7 +142,8 @@ class Ticket(Base):
 
     create-ticket has no idempotency key, so the status moves to `sending` (committed) before
     the call; a call whose outcome is unknown leaves `unknown` for an operator, never a retry.
-    Statuses: pending, sending, created, unknown, failed.
+    Statuses: pending, sending, created, unknown, failed, refused (its case key is held by
+    several cases: nothing is sent until it is one case's).
     """
 
     __tablename__ = "tickets"

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -657,39 +658,87 @@ class StateStore:
         with self._begin() as conn:
             return int(conn.execute(query.values(state=state)).rowcount)
 
-    def resolve_dead_letters(self, key: str) -> None:
-        """A customer synced at last: its replayed or open letters are resolved."""
+    def resolve_dead_letters(self, key: str, planned_by: str | None = None) -> None:
+        """A customer synced at last: its replayed or open letters are resolved.
+
+        With `planned_by` (the run of the task that synced it), only the letters of failures
+        before that run began: a task planned before its key was found duplicated (still on
+        the queue then) did not sync the key as it now stands, and leaves that letter open.
+        """
+        open_letters = sa.and_(DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"]))
+        if planned_by is not None:
+            began = sa.select(RUNS.c.started_at).where(RUNS.c.id == planned_by).scalar_subquery()
+            open_letters = sa.and_(open_letters, DEAD.c.last_failed_at <= began)
         with self._begin() as conn:
-            conn.execute(
-                DEAD.update()
-                .where(DEAD.c.provided_unique_id == key, DEAD.c.state.in_(["dead", "replayed"]))
-                .values(state="resolved")
-            )
+            conn.execute(DEAD.update().where(open_letters).values(state="resolved"))
 
     # -- tickets ---------------------------------------------------------------------------------
 
-    def add_tickets(self, cases: Sequence[tuple[str, str, str | None]]) -> int:
-        """Record (key, subject, customer) cases not seen before as pending; returns how many."""
-        keys = [k for k, _, _ in cases]
+    def add_tickets(
+        self, cases: Sequence[tuple[str, str, str | None]], duplicated: AbcMapping[str, int] | None = None
+    ) -> int:
+        """Record (key, subject, customer) cases not seen before as pending; returns how many.
+
+        A key in `duplicated` (held by several cases of the tickets query, with their number)
+        opens no ticket: its ticket is `refused`, with the reason, new or still pending (never
+        one already sent or being sent). A refused ticket whose key is held by one case again
+        is pending again, with that case's subject and customer.
+        """
+        duplicated = duplicated or {}
+        unique = {k: (s, c) for k, s, c in cases if k not in duplicated}
+        firsts = {k: (s, c) for k, s, c in reversed(cases) if k in duplicated}  # the first case of each
+        now = utcnow()
         with self._begin() as conn:
-            known = set(conn.execute(sa.select(TICKETS.c.key).where(TICKETS.c.key.in_(keys))).scalars())
-            now = utcnow()
+            held = {
+                k: status
+                for k, status in conn.execute(
+                    sa.select(TICKETS.c.key, TICKETS.c.status).where(TICKETS.c.key.in_([*unique, *firsts]))
+                )
+            }
             rows = [
                 {
                     "key": k,
                     "subject": s,
                     "customer": c,
                     "status": "pending",
+                    "error": None,  # every row of one insert has the same columns
                     "attempts": 0,
                     "created_at": now,
                     "updated_at": now,
                 }
-                for k, s, c in cases
-                if k not in known
+                for k, (s, c) in unique.items()
+                if k not in held
+            ]
+            rows += [
+                {
+                    "key": k,
+                    "subject": s,
+                    "customer": c,
+                    "status": "refused",
+                    "error": _refusal(duplicated[k]),
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for k, (s, c) in firsts.items()
+                if k not in held
             ]
             if rows:
                 conn.execute(TICKETS.insert(), rows)
-        return len(rows)
+            for k in (k for k in firsts if held.get(k) in ("pending", "refused")):
+                conn.execute(
+                    TICKETS.update()
+                    .where(TICKETS.c.key == k, TICKETS.c.status.in_(("pending", "refused")))
+                    .values(status="refused", error=_refusal(duplicated[k]), updated_at=now)
+                )
+            for k in (k for k in unique if held.get(k) == "refused"):
+                subject, customer = unique[k]
+                conn.execute(
+                    TICKETS.update()
+                    .where(TICKETS.c.key == k, TICKETS.c.status == "refused")
+                    .values(status="pending", subject=subject, customer=customer, error=None, updated_at=now)
+                )
+        return sum(1 for r in rows if r["status"] == "pending")
 
     def ready_tickets(self, customer: str | None = None) -> list[str]:
         """Pending tickets whose customer Proto already has (of one customer, if given)."""
@@ -811,6 +860,14 @@ def is_degraded(*, unsynced: int, read: int, enqueued: int, threshold: float) ->
     so a few bad rows in a nightly full sync of a big CRM do not make every night degraded.
     """
     return unsynced > threshold * max(read, enqueued, 1)
+
+
+def _refusal(cases: int) -> str:
+    """Why a ticket is refused: its case key is not one case's."""
+    return (
+        f"duplicate_key: the tickets query holds {cases} cases with this key; "
+        "no ticket is opened for it until only one is left"
+    )
 
 
 def _as_utc(value: dt.datetime) -> dt.datetime:
