@@ -13,6 +13,7 @@ from typing import Any
 
 from .contact import PARTS, Contact, payload_hash
 from .errors import CircuitOpen, PermanentError, ProtoError, RateLimited
+from .logs import redact
 from .metrics import counts_outcome
 from .runtime import Runtime
 from .state.store import PartHashes
@@ -151,7 +152,7 @@ def _dead_letter(
     sent: dict[str, str | None],
     exc: ProtoError,
 ) -> None:
-    error = rt.redact(str(exc))
+    error = redact(str(exc))
     log.warning("customer %s dead-lettered: %s", contact.key, error)
     rt.store.record_outcome(contact.key, run_id, "dead", sent, None, error=error, failed_hash=payload_hash(contact))
     rt.store.add_dead_letter(
@@ -161,7 +162,7 @@ def _dead_letter(
         error_class=_error_class(exc),
         message=error,
         http_status=exc.status,
-        response_body=rt.redact(str(exc.body)) if exc.body is not None else None,
+        response_body=redact(str(exc.body)) if exc.body is not None else None,
     )
 
 

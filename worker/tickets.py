@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from .errors import PermanentError, ProtoError
+from .logs import redact
 from .runtime import Runtime
 from .source.mapping import TicketsSpec
 from .source.reader import SourceReader
@@ -56,7 +57,7 @@ def send_ticket(rt: Runtime, key: str) -> str:
     try:
         proto_id = rt.client.create_ticket(ticket["subject"], provided_unique_id=ticket["customer"])
     except ProtoError as exc:
-        error = rt.redact(str(exc))
+        error = redact(str(exc))
         if isinstance(exc, PermanentError):
             status = "failed"
         elif getattr(exc, "not_sent", False):

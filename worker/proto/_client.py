@@ -15,6 +15,7 @@ import httpx
 import tenacity
 
 from ..errors import AuthError, CircuitOpen, PermanentError, ProtoError, RateLimited, RetryableError
+from ..logs import add_secrets, redact
 from ..metrics import timed_call
 from . import _wire
 from ._breaker import Breaker, LocalBreaker
@@ -41,7 +42,7 @@ class ProtoClient:
         sleep: Callable[[float], None] = tenacity.nap.sleep,
     ) -> None:
         self.subcompany_id = subcompany_id
-        self._token = token
+        add_secrets(token)  # an answer echoing it, and every line about this client, show [REDACTED]
         self._limiter = limiter or LocalLimiter(rate=50.0)
         self._breaker = breaker or LocalBreaker()
         self._retry = retry or RetryPolicy()
@@ -179,7 +180,7 @@ class ProtoClient:
 
     def _error(self, route: str, response: httpx.Response) -> ProtoError:
         status = response.status_code
-        body = self.redact(response.text)[:MAX_BODY_CHARS]  # redact first: a cut may split the token
+        body = redact(response.text)[:MAX_BODY_CHARS]  # redact first: a cut may split the token
         detail = _detail(body)
         message = f"{route}: HTTP {status}" + (f": {detail}" if detail else "")
         if status == 429:
@@ -192,9 +193,6 @@ class ProtoClient:
             return AuthError(message, status=status, body=body, route=route)
         return PermanentError(message, status=status, body=body, route=route)
 
-    def redact(self, text: str) -> str:
-        """`text` with the bearer token replaced, for anything that may be logged or stored."""
-        return text.replace(self._token, "[REDACTED]") if self._token else text
 
 
 def _detail(body: str) -> str:
