@@ -113,6 +113,9 @@ class Settings(BaseSettings):
         parts = _url_parts(url, "https://host/api/platform")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("is not an http(s) URL with a host (https://host/api/platform)")
+        if parts.username is not None or parts.password is not None:
+            # httpx would send them as Basic auth in place of the bearer token: every call a 401.
+            raise ValueError("carries a user or password (user:password@host): the API takes CRMSYNC_PROTO_TOKEN only")
         return url
 
     @field_validator("proto_token")

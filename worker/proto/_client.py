@@ -194,7 +194,6 @@ class ProtoClient:
         return PermanentError(message, status=status, body=body, route=route)
 
 
-
 def _detail(body: str) -> str:
     """A one-line reading of a FastAPI-style error body."""
     try:
