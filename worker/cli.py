@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,43 @@ from .errors import ConfigError, CrmsyncError
 from .progress import RunProgress, Ticker
 
 log = logging.getLogger("crmsync")
+
+
+# What must not reach a terminal raw: C0 and C1 controls (ESC starts a sequence that can rewrite
+# the screen, \r overwrites a line, \n forges one), DEL, line and paragraph separators, the bidi
+# controls that reorder what follows (U+202E shows "exe.txt" as "txt.exe"), and lone surrogates
+# (from bytes that were not UTF-8, which print() cannot encode).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(value: object) -> str:
+    """`value` as text fit for a terminal: secrets redacted, control characters shown as escapes.
+
+    The one function every line the command prints goes through (tables, messages, errors); a
+    cell that is padded goes through it first, so that its escapes are counted in the padding.
+    It is idempotent. --json output does not use it: JSON escapes the same characters itself.
+    """
+    from .logs import redact
+
+    return _UNPRINTABLE.sub(_escape, redact(str(value)))
+
+
+def _say(line: object, **kwargs: Any) -> None:
+    """Print one line, made printable: a newline inside it is shown as ``\\n``, never a new line."""
+    print(printable(line), **kwargs)
+
+
+def _say_lines(text: str) -> None:
+    """Print a block of lines (indented JSON, say), each made printable."""
+    for line in text.splitlines():
+        _say(line)
 
 
 def _json_default(value: Any) -> Any:
@@ -39,18 +77,20 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     rev = migrate(settings.state_url)
-    print(f"state database ready at revision {rev}")
+    _say(f"state database ready at revision {rev}")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate settings, mapping, source, state DB and the Proto connection."""
     from .checks import run_checks
+    from .settings import load_settings
 
+    load_settings()  # settings that do not load are a ConfigError (exit 2), as in every command
     ok = True
     for line_ok, text in run_checks():
         ok &= line_ok
-        print(("ok    " if line_ok else "FAIL  ") + text)
+        _say(("ok    " if line_ok else "FAIL  ") + text)
     return 0 if ok else 1
 
 
@@ -107,20 +147,20 @@ def _report(result: dict[str, Any], rt: Any, args: argparse.Namespace, run: dict
         return 0
     c = result["counts"]
     what = "dry run" if getattr(args, "dry_run", False) else f"run {result['run_id']}"
-    print(
+    _say(
         f"{result['kind']} {what}: read {c.get('read', 0)}, new {c.get('new', 0)}, changed {c.get('changed', 0)}, "
         f"unchanged {c.get('unchanged', 0)}, invalid {c.get('invalid', 0)}, deleted {c.get('deleted', 0)}, "
         f"enqueued {c.get('enqueued', 0)}"
     )
     parts = ", ".join(f"{p} {c.get('part_' + p, 0)}" for p in ("profile", "tags", "fields"))
-    print(f"  parts to send: {parts}")
+    _say(f"  parts to send: {parts}")
     if run:
-        print(
+        _say(
             f"  finished: synced {run.get('synced', 0)}, dead-lettered {run.get('dead', 0)}"
             + (f" in {result['seconds']} s" if "seconds" in result else "")
         )
     for item in result.get("preview", [])[:5] if getattr(args, "dry_run", False) else []:
-        print(f"  {'new' if item['new'] else 'changed'} {item['key']}: {', '.join(item['parts'])}")
+        _say(f"  {'new' if item['new'] else 'changed'} {item['key']}: {', '.join(item['parts'])}")
     return 0
 
 
@@ -216,15 +256,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(st)
         return 0
     lag = st["lag_seconds"]
-    print(f"customers:    {_counts(st['customers']) or 'none yet'}")
-    print(f"watermark:    {st['watermark'] or 'none yet'}" + (f" (lag {lag:.0f} s)" if lag is not None else ""))
-    print(f"queue:        {st['queue_depth']} tasks waiting")
-    print(
+    _say(f"customers:    {_counts(st['customers']) or 'none yet'}")
+    _say(f"watermark:    {st['watermark'] or 'none yet'}" + (f" (lag {lag:.0f} s)" if lag is not None else ""))
+    _say(f"queue:        {st['queue_depth']} tasks waiting")
+    _say(
         f"dead letters: {sum(st['dead_letters'].values())}"
         + (f" ({_counts(st['dead_letters'])})" if st["dead_letters"] else "")
     )
     if st["tickets"]:
-        print(f"tickets:      {_counts(st['tickets'])}")
+        _say(f"tickets:      {_counts(st['tickets'])}")
     lim = st["limiter"]
     extra = (
         f", cool-down {lim['cooldown_seconds']} s, breaker {'OPEN' if lim['breaker_open'] else 'closed'}"
@@ -232,8 +272,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         else ""
     )
     where = " shared in Redis" if lim["shared"] else " per process"
-    print(f"limiter:      {lim['rate_limit']:g} requests/s{where}{extra}")
-    print("runs:")
+    _say(f"limiter:      {lim['rate_limit']:g} requests/s{where}{extra}")
+    _say("runs:")
     for r in st["runs"]:
         _print_run_line(r)
     return 0
@@ -245,8 +285,9 @@ def _counts(counts: dict[str, int]) -> str:
 
 def _print_run_line(r: dict[str, Any]) -> None:
     took = f"{r['seconds']:.1f} s" if r["seconds"] is not None else "running"
-    print(
-        f"  {r['id']} {r['kind']:<11} {r['status']:<9} {r['started_at']:%Y-%m-%d %H:%M:%S} {took:>9}  "
+    _say(
+        f"  {printable(r['id'])} {printable(r['kind']):<11} {printable(r['status']):<9} "
+        f"{r['started_at']:%Y-%m-%d %H:%M:%S} {took:>9}  "
         f"read {r['read']} sent {r['enqueued']} synced {r['synced']} dead {r['dead']} invalid {r['invalid']}"
         + ("  DEGRADED" if r.get("degraded") else "")
     )
@@ -275,62 +316,111 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(detail)
     else:
-        print(json.dumps(detail, default=_json_default, indent=2))
+        _say_lines(json.dumps(detail, default=_json_default, indent=2))
     return 0
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    """List, show, replay or discard dead letters."""
+    """List, show, replay or discard dead letters.
+
+    A malformed id is a ConfigError (exit 2); an id no letter has, or (for replay and discard)
+    a letter that is not open, is an error (exit 1); nothing is shown or changed then.
+    """
     from .jobs import embedded_worker, replay, wait_for_run
     from .runtime import runtime
 
+    ids = _letter_ids(args.ids)  # before any connection: a typo is told at once
     rt = runtime()
     store = rt.store
     if args.action == "list":
-        since = dt.datetime.fromisoformat(args.since) if args.since else None
         letters = store.dead_letters(
             state=None if args.all_states else "dead",
             error_class=args.error_class,
             run_id=args.run,
-            since=since,
+            since=_iso_time("--since", args.since) if args.since else None,
         )
         if args.json:
             _print_json(letters)
             return 0
         if not letters:
-            print("no dead letters")
+            _say("no dead letters")
         for d in letters:
-            print(
-                f"{d['id']:>6}  {d['provided_unique_id'] or '(no key)':<24} {d['error_class']:<32} {d['message'][:90]}"
+            _say(
+                f"{d['id']:>6}  {printable(d['provided_unique_id'] or '(no key)'):<24} "
+                f"{printable(d['error_class']):<32} {printable(d['message'])[:90]}"
             )
         return 0
     if args.action == "show":
-        letters = store.dead_letters(state=None, ids=[int(i) for i in args.ids])
-        if not letters:
-            raise CrmsyncError(f"no dead letter with id {', '.join(args.ids)}")
-        for d in letters:
-            _print_json(d) if args.json else print(json.dumps(d, default=_json_default, indent=2, ensure_ascii=False))
+        if not ids:
+            raise ConfigError("name the dead letters to show: crmsync dlq show ID...")
+        for d in _named_letters(store, ids, action=None):
+            if args.json:
+                _print_json(d)
+            else:
+                _say_lines(json.dumps(d, default=_json_default, indent=2, ensure_ascii=False))
         return 0
     if args.action == "discard":
-        if not args.ids and not args.all:
+        if not ids and not args.all:
             raise ConfigError("name the dead letters to discard (IDs) or give --all")
-        ids = [int(i) for i in args.ids] or [d["id"] for d in store.dead_letters(state="dead")]
-        n = store.set_dead_letter_state(ids, "discarded", only_from="dead")
-        print(f"discarded {n} dead letters")
+        if ids:
+            _named_letters(store, ids, action="discarded")
+        targets = ids or [d["id"] for d in store.dead_letters(state="dead")]
+        n = store.set_dead_letter_state(targets, "discarded", only_from="dead")
+        _say(f"discarded {n} dead letters")
         return 0
-    if not args.ids and not args.all and not args.error_class:
+    if not ids and not args.all and not args.error_class:
         raise ConfigError("name the dead letters to replay (IDs), or give --all or --error-class")
+    if ids:
+        _named_letters(store, ids, action="replayed")
     tick = Ticker(args.json)
     result = replay(
-        [int(i) for i in args.ids],
+        ids,
         error_class=args.error_class,
         as_recorded=args.as_recorded,
         progress=lambda c: tick(f"re-reading: {c['read']} read, {c['enqueued']} to send"),
     )
+    if result["run_id"] is None and not args.json:
+        # --all or --error-class found no open letter (or another command took them first).
+        _say("no open dead letters to replay")
+        return 0
     if result["run_id"] and result["counts"].get("enqueued") and (args.wait or rt.settings.embedded_broker):
         # On the embedded broker nobody else would drain the queue: see the replay through.
         return _see_through(result, rt, args, embedded_worker, wait_for_run)
     return _report(result, rt, args, rt.store.run(result["run_id"]) if result["run_id"] else None)
+
+
+# A letter id as the state DB holds it: ASCII digits (int() would also take "٣" or " 3"), no more
+# than a 64-bit integer holds (the state DB would refuse a bigger one with an OverflowError).
+_LETTER_ID = re.compile(r"[0-9]{1,18}")
+
+
+def _letter_ids(raw: Sequence[str]) -> list[int]:
+    """The dead-letter ids of the command line, or a ConfigError naming the first malformed one."""
+    for text in raw:
+        if not _LETTER_ID.fullmatch(text):
+            raise ConfigError(f"not a dead-letter id: {text!r} (ids are the numbers `crmsync dlq list` shows)")
+    return [int(text) for text in raw]
+
+
+def _named_letters(store: Any, ids: list[int], action: str | None) -> list[dict[str, Any]]:
+    """The letters of `ids`; an error if one is unknown, or (with an `action`) is not open for it."""
+    letters = store.dead_letters(state=None, ids=ids)
+    unknown = sorted(set(ids) - {d["id"] for d in letters})
+    if unknown:
+        raise CrmsyncError(f"no dead letter with id {', '.join(map(str, unknown))}")
+    closed = [d for d in letters if d["state"] != "dead"]
+    if action and closed:
+        states = ", ".join(f"{d['id']} is {d['state']}" for d in closed)
+        raise CrmsyncError(f"only open dead letters can be {action}: {states}")
+    return letters
+
+
+def _iso_time(option: str, text: str) -> dt.datetime:
+    """`text` read as an ISO 8601 time, or a ConfigError naming the option."""
+    try:
+        return dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{option}: not an ISO time such as 2024-03-01T09:30: {text!r}") from None
 
 
 def cmd_tickets(args: argparse.Namespace) -> int:
@@ -346,11 +436,11 @@ def cmd_tickets(args: argparse.Namespace) -> int:
             _print_json(tickets)
             return 0
         if not tickets:
-            print("no tickets")
+            _say("no tickets")
         for t in tickets:
-            print(
-                f"{t['key']:<20} {t['status']:<8} customer {t['customer']!s:<16} {t['proto_id'] or '':<28} "
-                f"{(t['error'] or t['subject'])[:60]}"
+            _say(
+                f"{printable(t['key']):<20} {printable(t['status']):<8} customer {printable(t['customer']):<16} "
+                f"{printable(t['proto_id'] or ''):<28} {printable(t['error'] or t['subject'])[:60]}"
             )
         return 0
     if not args.keys:
@@ -358,7 +448,7 @@ def cmd_tickets(args: argparse.Namespace) -> int:
     if args.action == "confirm":
         # The operator saw the ticket in Proto: it is created, and must never be sent again.
         n = store.set_ticket_status(args.keys, "created", ["unknown"], proto_id=args.proto_id)
-        print(f"confirmed {n} tickets as created")
+        _say(f"confirmed {n} tickets as created")
         return 0
     n = store.set_ticket_status(args.keys, "pending", ["unknown", "failed"], error=None)
     if rt.settings.embedded_broker:
@@ -366,10 +456,10 @@ def cmd_tickets(args: argparse.Namespace) -> int:
 
         # No worker drains the embedded broker between runs: send them from here.
         for key in args.keys:
-            print(f"{key}: {send_ticket(rt, key)}")
+            _say(f"{key}: {send_ticket(rt, key)}")
         return 0
     celery_enqueue_tickets(list(args.keys))
-    print(f"sending {n} tickets again")
+    _say(f"sending {n} tickets again")
     return 0
 
 
@@ -385,17 +475,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.as_dict())
     else:
-        print(
+        _say(
             f"checked {report.checked} customers: {len(report.missing)} missing in Proto, "
             f"{len(report.drift)} differing fields"
         )
         for key in report.missing:
-            print(f"  missing  {key}")
+            _say(f"  missing  {key}")
         for d in report.drift:
-            print(f"  differs  {d['key']} {d['field']}: CRM {d['crm']!r}, Proto {d['proto']!r}")
+            _say(f"  differs  {d['key']} {d['field']}: CRM {d['crm']!r}, Proto {d['proto']!r}")
         for key, tags in report.extra_tags.items():
-            print(f"  extra tags in Proto (cannot be removed) {key}: {', '.join(tags)}")
-        print(f"note: {NOTE}")
+            _say(f"  extra tags in Proto (cannot be removed) {key}: {', '.join(tags)}")
+        _say(f"note: {NOTE}")
     return 1 if report.missing or report.drift else 0
 
 
@@ -413,7 +503,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         drop_rate=args.drop_rate,
         burst=args.burst,
     )
-    print(
+    _say(
         f"Proto sandbox on http://{args.host}:{args.port}/api/platform "
         f"(sub-companies: {', '.join(config.tenants)}; rate limit {config.rate_limit:g}/s)",
         flush=True,
@@ -434,6 +524,13 @@ _START_THEMSELVES = frozenset({cmd_sync, cmd_worker})
 
 
 # -- parser --------------------------------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port to listen on, 1 to 65535 (a bigger one would be a traceback at bind)."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"not a port number from 1 to 65535: {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,13 +555,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--concurrency", type=int, help="threads (default CRMSYNC_WORKER_CONCURRENCY)")
     w.add_argument("--loglevel", default="INFO")
     w.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus metrics on this port (give every worker of a host the same)"
+        "--metrics-port",
+        type=_port,
+        help="serve Prometheus metrics on this port (give every worker of a host the same)",
     )
     w.set_defaults(func=cmd_worker)
 
     b = sub.add_parser("beat", help="run the scheduler")
     b.add_argument("--loglevel", default="INFO")
-    b.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (not a worker's)")
+    b.add_argument("--metrics-port", type=_port, help="serve Prometheus metrics on this port (not a worker's)")
     b.set_defaults(func=cmd_beat)
 
     st = sub.add_parser("status", help="runs, customers, dead letters, watermark")
@@ -508,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sb = sub.add_parser("sandbox", help="serve the local Proto API sandbox")
     sb.add_argument("--host", default="127.0.0.1")
-    sb.add_argument("--port", type=int, default=8700)
+    sb.add_argument("--port", type=_port, default=8700)
     sb.add_argument("--subcompany-id", help="accepted sub-company (default CRMSYNC_PROTO_SUBCOMPANY_ID)")
     sb.add_argument("--token", help="its bearer token (default CRMSYNC_PROTO_TOKEN)")
     sb.add_argument("--rate-limit", type=float, default=DEFAULT_RATE_LIMIT, help="requests/s per sub-company (0: none)")
@@ -558,8 +657,6 @@ def started() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `crmsync` command."""
     gc.disable()  # until `started()`
-    from .logs import redact
-
     args = build_parser().parse_args(argv)
     try:
         # Commands speak on stdout and log only what goes wrong; worker and beat log their work.
@@ -568,13 +665,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             started()
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"crmsync: {redact(str(exc))}", file=sys.stderr)
+        _say(f"crmsync: {exc}", file=sys.stderr)
         return 2
     except CrmsyncError as exc:
-        print(f"crmsync: error: {redact(str(exc))}", file=sys.stderr)
+        _say(f"crmsync: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of the output left (`crmsync dlq list | head`): nothing more to tell, and
+        # nothing to flush at exit either (a second BrokenPipeError would be printed there).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command that a closed pipe stopped
     finally:
         _on_exit()
 

@@ -10,9 +10,13 @@ structlog logger or from the standard library (Celery, uvicorn, httpx, our own
 - readable ``key=value`` lines on a terminal (``json=False``).
 
 Before a line is rendered, every field (nested ones, exception text and tracebacks included)
-has the configured secrets and anything that looks like ``Bearer <token>`` replaced by
-``[REDACTED]``; the rendered line is checked once more. The secrets are the Proto bearer
-token of the settings (when they load) and anything passed in `secrets` or to :func:`add_secrets`.
+has the configured secrets, anything that looks like ``Bearer <token>``, the password of any
+URL (``scheme://user:password@host``) and credential parameters of a query string
+(``?password=...``) replaced by ``[REDACTED]``; the rendered line is checked once more. The
+secrets are the Proto bearer token of the settings (when they load), the token of every
+``ProtoClient`` built, and anything passed in `secrets` or to :func:`add_secrets`.
+:func:`redact` is the same redactor for text that is not logged (what a command prints, what
+the state DB records): the project has this one.
 
 Context: :func:`bind_context` binds key/values (run_id, contact key, task_id...) that every
 line logged afterwards *in the same thread* carries, until :func:`clear_context`. It rests on
@@ -37,6 +41,13 @@ from .errors import ConfigError
 REDACTED = "[REDACTED]"
 # `Bearer <token>` (RFC 6750 token characters), but not prose such as "the bearer token".
 _BEARER = r"(?P<scheme>\b(?i:bearer))\s+(?!(?i:tokens?|auth\w*|scheme)\b)[A-Za-z0-9\-._~+/]+=*"
+# The password of a URL's userinfo; the user stays (it names the account, it opens nothing). The
+# password runs to the last `@` before the path, or, when it holds a `/` itself (SQLAlchemy reads
+# it so), to the first `@`: either way nothing of it is left in the text.
+_URL_PASSWORD = r"(?P<userinfo>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*):(?:[^\s/?#]*|[^\s@]*)@"
+# Credentials given as query parameters (redis://host?password=..., https://host/?access_token=...).
+_URL_PARAM = r"(?P<param>[?&;](?i:password|passwd|pwd|secret|token|access_token|api_key|apikey)=)[^&;#\s]*"
+_PATTERNS = (_BEARER, _URL_PASSWORD, _URL_PARAM)
 _MAX_DEPTH = 8
 # Libraries that log at INFO once per HTTP request (one line per API call is the metrics' job),
 # and alembic's plugin registry, which lists its plugins at every start.
@@ -44,12 +55,12 @@ _CHATTY = ("httpx", "httpcore", "alembic.runtime.plugins")
 
 
 class Redactor:
-    """Replaces secrets and bearer credentials in text, and in every field of an event."""
+    """Replaces secrets, bearer credentials and URL passwords in text, and in every field of an event."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
         self._secrets: frozenset[str] = frozenset()
-        self._pattern = re.compile(_BEARER)
+        self._pattern = re.compile("|".join(_PATTERNS))
         self.add(*secrets)
 
     def add(self, *secrets: str | None) -> None:
@@ -60,11 +71,11 @@ class Redactor:
                 return
             # Longest first: a secret that contains another is replaced whole.
             alternatives = [re.escape(s) for s in sorted(merged, key=len, reverse=True)]
-            self._pattern = re.compile("|".join([*alternatives, _BEARER]))
+            self._pattern = re.compile("|".join([*alternatives, *_PATTERNS]))
             self._secrets = merged
 
     def text(self, text: str) -> str:
-        """`text` with every secret and bearer credential replaced."""
+        """`text` with every secret, bearer credential and URL password replaced."""
         return self._pattern.sub(_replacement, text)
 
     def value(self, value: Any, depth: int = 0) -> Any:
@@ -93,8 +104,14 @@ class Redactor:
 
 
 def _replacement(match: re.Match[str]) -> str:
-    scheme = match.group("scheme")
-    return f"{scheme} {REDACTED}" if scheme else REDACTED
+    # What the credential was (the scheme, the user, the parameter's name) stays readable.
+    if scheme := match.group("scheme"):
+        return f"{scheme} {REDACTED}"
+    if userinfo := match.group("userinfo"):
+        return f"{userinfo}:{REDACTED}@"
+    if param := match.group("param"):
+        return f"{param}{REDACTED}"
+    return REDACTED
 
 
 class _RedactedOutput:
@@ -115,7 +132,11 @@ _HANDLER_MARK = "_crmsync_handler"
 
 
 def redact(text: str) -> str:
-    """`text` without the configured secrets and bearer credentials."""
+    """`text` without the secrets, bearer credentials and URL passwords: crmsync's one redactor.
+
+    Whatever may be printed, logged or stored (an error message, a response body, a URL) goes
+    through it; the bearer token is registered by the settings' loader and by every ProtoClient.
+    """
     return _REDACTOR.text(text)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from .contact import PARTS, Contact, key_text, payload_hash, with_tag
 from .errors import InvalidRecord, SourceError
 from .fields import FIELDS_LOCK, FieldSpec, create_missing
+from .logs import redact
 from .queues import Queue, queue_for
 from .runtime import Runtime
 from .settings import Settings
@@ -145,7 +146,7 @@ class Planner:
                 newest = self._plan_pages(pages, result, registry, force=force, dry_run=dry_run, progress=progress)
         except Exception as exc:
             if result.run_id:
-                store.fail_run(result.run_id, self.rt.redact(str(exc)))
+                store.fail_run(result.run_id, redact(str(exc)))
             raise
         if self.mapping.tickets and result.run_id and not into_run and kind != "replay" and self.enqueue_tickets:
             result.counts.update(plan_tickets(self.rt, self.reader, self.mapping.tickets, self.enqueue_tickets))

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .errors import ConfigError
+from .logs import add_secrets, redact
 from .proto import Breaker, Limiter, LocalBreaker, LocalLimiter, ProtoClient, RedisBreaker, RedisLimiter, RetryPolicy
 from .settings import Settings, load_settings
 from .state.db import MIGRATIONS, schema_is_current, state_engine
@@ -27,6 +28,9 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Known to the one redactor before anything can fail: what this process prints, logs or
+        # records in the state DB never carries the token.
+        add_secrets(settings.proto_token.get_secret_value() if settings.proto_token else None)
         self._fields: dict[str, str] = {}
         self._fields_lock = threading.Lock()
 
@@ -42,7 +46,7 @@ class Runtime:
                 f"setting CRMSYNC_STATE_URL: cannot use the state database ({_first_line(exc)})"
             ) from None
         if not current:
-            where = engine.url.render_as_string(hide_password=True)
+            where = redact(engine.url.render_as_string(hide_password=False))
             raise ConfigError(f"the state database {where} is not initialised or not up to date: run `crmsync init`")
         return StateStore(engine, degraded_threshold=self.settings.degraded_threshold)
 
@@ -127,11 +131,6 @@ class Runtime:
         """Drop the cache of custom-field ids: the next lookup reads the registry again."""
         with self._fields_lock:
             self._fields = {}
-
-    def redact(self, text: str) -> str:
-        """`text` without the bearer token."""
-        token = self.settings.proto_token
-        return text.replace(token.get_secret_value(), "[REDACTED]") if token else text
 
     def close(self) -> None:
         """Release what was built: the API client's connections, the state DB's pool, Redis."""

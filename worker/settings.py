@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
@@ -20,7 +22,10 @@ DEFAULT_DEGRADED_THRESHOLD = 0.01
 class Settings(BaseSettings):
     """Every knob of crmsync. The README's configuration table is tested against this class."""
 
-    model_config = SettingsConfigDict(env_prefix="CRMSYNC_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # No inf or nan: CRMSYNC_REQUEST_TIMEOUT=inf would wait for ever, CRMSYNC_RATE_LIMIT=1e400 not limit at all.
+    model_config = SettingsConfigDict(
+        env_prefix="CRMSYNC_", env_file=".env", env_file_encoding="utf-8", extra="ignore", allow_inf_nan=False
+    )
 
     source_url: str | None = Field(None, description="SQLAlchemy URL of the CRM database (read only).")
     state_url: str = Field("sqlite:///crmsync-state.db", description="SQLAlchemy URL of the local state database.")
@@ -77,13 +82,64 @@ class Settings(BaseSettings):
         "dead-lettered or failed.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nothing_empty(cls, data: Any) -> Any:
+        # An empty value is a mistake, never a way to unset: `CRMSYNC_BROKER_URL=${REDIS}` with
+        # REDIS unset would give each worker a queue of its own, an empty token 401 on every call.
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if isinstance(value, str) and not value.strip():
+                    raise ValueError(f"CRMSYNC_{name.upper()}: is empty (unset it for its default, or give a value)")
+        return data
+
+    @field_validator("source_url", "state_url")
+    @classmethod
+    def _database_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            _check_database_url(url)
+        return url
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            _check_broker_url(url)
+        return url
+
+    @field_validator("proto_base_url")
+    @classmethod
+    def _api_url(cls, url: str) -> str:
+        parts = _url_parts(url, "https://host/api/platform")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("is not an http(s) URL with a host (https://host/api/platform)")
+        if parts.username is not None or parts.password is not None:
+            # httpx would send them as Basic auth in place of the bearer token: every call a 401.
+            raise ValueError("carries a user or password (user:password@host): the API takes CRMSYNC_PROTO_TOKEN only")
+        return url
+
+    @field_validator("proto_token")
+    @classmethod
+    def _token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None:
+            _check_token(token.get_secret_value())
+        return token
+
     @model_validator(mode="after")
     def _token_file(self) -> Settings:
         if self.proto_token is None and self.proto_token_file is not None:
             try:
-                self.proto_token = SecretStr(self.proto_token_file.read_text().strip())
-            except OSError as exc:
-                raise ValueError(f"CRMSYNC_PROTO_TOKEN_FILE: cannot read it ({exc.strerror})") from None
+                token = self.proto_token_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ValueError(f"CRMSYNC_PROTO_TOKEN_FILE: cannot read it ({reason})") from None
+            if not token:
+                raise ValueError("CRMSYNC_PROTO_TOKEN_FILE: the file is empty")
+            try:
+                _check_token(token)
+            except ValueError as exc:
+                raise ValueError(f"CRMSYNC_PROTO_TOKEN_FILE: the token in the file {exc}") from None
+            self.proto_token = SecretStr(token)
         return self
 
     @cached_property
@@ -115,10 +171,77 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    """Read the settings, turning a validation error into one line naming the setting."""
+    """Read the settings, turning a validation error into one line naming the setting.
+
+    The line says what is wrong, never the value: a URL or a token may carry a secret.
+    """
     try:
         return Settings()
     except ValidationError as exc:
-        err = exc.errors()[0]
-        name = "CRMSYNC_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
-        raise ConfigError(f"setting {name}: {err['msg']}") from None
+        err = exc.errors(include_input=False)[0]
+        cause = err.get("ctx", {}).get("error")
+        problem = str(cause) if isinstance(cause, ValueError) else err["msg"]
+        if not err["loc"]:
+            # A check of the whole settings (an empty value, the token file): its message names the setting.
+            raise ConfigError(f"setting {problem}") from None
+        raise ConfigError(f"setting CRMSYNC_{str(err['loc'][0]).upper()}: {problem}") from None
+
+
+# What a URL's problems are told against: the shape the setting expects.
+_DATABASE_SHAPE = "dialect[+driver]://user:password@host:port/database"
+_BROKER_SHAPE = "redis://host:port/db; unset for the embedded broker"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def _check_database_url(url: str) -> None:
+    """Refuse a SQLAlchemy URL that cannot be parsed, names no known dialect, or has a bad port."""
+    # Imported here: the sandbox loads the settings without needing SQLAlchemy.
+    from sqlalchemy.engine.url import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"is not a database URL ({_DATABASE_SHAPE})") from None
+    except ValueError:  # SQLAlchemy's int() of the port; the value is not repeated: it may be a password
+        raise ValueError(f"the port is not a number ({_DATABASE_SHAPE})") from None
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ValueError("the port is not between 1 and 65535")
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(f"names no database SQLAlchemy knows ({parsed.drivername!r})") from None
+
+
+def _check_broker_url(url: str) -> None:
+    """Refuse a broker URL of no transport Celery knows, or with a bad port or Redis db number."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    parts = _url_parts(url, _BROKER_SHAPE)
+    transport = parts.scheme.split("+", 1)[0]  # how kombu reads `sqla+sqlite://`
+    if transport not in TRANSPORT_ALIASES:
+        raise ValueError(f"names no broker Celery knows ({transport!r}; {_BROKER_SHAPE})")
+    db = parts.path.strip("/")
+    if transport in ("redis", "rediss") and db and not (db.isascii() and db.isdigit()):
+        raise ValueError("the Redis database (after the host) is not a number")
+
+
+def _url_parts(url: str, shape: str) -> SplitResult:
+    """`url` split, refused when it has no `scheme://` or its port is not a number from 1 to 65535."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        raise ValueError(f"is not a URL ({shape})")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("the port is not a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError("the port is not a number from 1 to 65535")
+    return parts
+
+
+def _check_token(token: str) -> None:
+    """Refuse a token that no header can carry: one holding whitespace or control characters."""
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError("holds whitespace or control characters")

@@ -14,6 +14,7 @@ from typing import Any
 from .contact import PARTS, Contact, payload_hash
 from .errors import AuthError, AuthPaused, CircuitOpen, MissingCustomField, PermanentError, ProtoError, RateLimited
 from .fields import heal_fields
+from .logs import redact
 from .metrics import counts_outcome
 from .runtime import Runtime
 from .state.store import PartHashes
@@ -127,9 +128,9 @@ def _held(rt: Runtime, contact: Contact, run_id: str | None, sent: dict[str, str
     """Leave the contact queued with what was sent; a refusal of the credentials also fails its run."""
     rt.store.record_outcome(contact.key, run_id, "queued", sent, None)
     reason = exc.reason if isinstance(exc, AuthPaused) else str(exc) if isinstance(exc, AuthError) else None
-    if reason and run_id and rt.store.fail_run(run_id, rt.redact(reason)):
+    if reason and run_id and rt.store.fail_run(run_id, redact(reason)):
         # Once per run (only an open run is failed): its one error names the setting to fix.
-        log.error("run %s failed: %s", run_id, rt.redact(reason))
+        log.error("run %s failed: %s", run_id, redact(reason))
 
 
 def _in_proto(rt: Runtime, key: str) -> bool:
@@ -180,7 +181,7 @@ def _dead_letter(
     sent: dict[str, str | None],
     exc: ProtoError,
 ) -> None:
-    error = rt.redact(str(exc))
+    error = redact(str(exc))
     log.warning("customer %s dead-lettered: %s", contact.key, error)
     rt.store.record_outcome(contact.key, run_id, "dead", sent, None, error=error, failed_hash=payload_hash(contact))
     rt.store.add_dead_letter(
@@ -190,7 +191,7 @@ def _dead_letter(
         error_class=_error_class(exc),
         message=error,
         http_status=exc.status,
-        response_body=rt.redact(str(exc.body)) if exc.body is not None else None,
+        response_body=redact(str(exc.body)) if exc.body is not None else None,
     )
 
 

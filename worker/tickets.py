@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from .errors import AuthError, PermanentError, ProtoError
+from .logs import redact
 from .runtime import Runtime
 from .source.mapping import TicketsSpec
 from .source.reader import SourceReader
@@ -68,7 +69,7 @@ def send_ticket(rt: Runtime, key: str) -> str:
     try:
         proto_id = rt.client.create_ticket(ticket["subject"], provided_unique_id=ticket["customer"])
     except ProtoError as exc:
-        error = rt.redact(str(exc))
+        error = redact(str(exc))
         if isinstance(exc, AuthError) or getattr(exc, "not_sent", False):
             # Surely not created: refused credentials (the sub-company is paused), or never sent
             # (held by the breaker, the limiter's store unreachable, connection refused). Sent again later.

@@ -23,6 +23,7 @@ from ..errors import (
     RateLimited,
     RetryableError,
 )
+from ..logs import add_secrets, redact
 from ..metrics import timed_call
 from . import _wire
 from ._breaker import Breaker, LocalBreaker
@@ -51,8 +52,8 @@ class ProtoClient:
     ) -> None:
         """`token_setting` names where the token came from, for the message of a refusal."""
         self.subcompany_id = subcompany_id
-        self._token = token
         self._token_setting = token_setting
+        add_secrets(token)  # an answer echoing it, and every line about this client, show [REDACTED]
         self._limiter = limiter or LocalLimiter(rate=50.0)
         self._breaker = breaker or LocalBreaker()
         self._retry = retry or RetryPolicy()
@@ -194,7 +195,7 @@ class ProtoClient:
 
     def _error(self, route: str, response: httpx.Response) -> ProtoError:
         status = response.status_code
-        body = self.redact(response.text)[:MAX_BODY_CHARS]  # redact first: a cut may split the token
+        body = redact(response.text)[:MAX_BODY_CHARS]  # redact first: a cut may split the token
         detail = _detail(body)
         message = f"{route}: HTTP {status}" + (f": {detail}" if detail else "")
         if status == 429:
@@ -219,10 +220,6 @@ class ProtoClient:
             f"Proto refused access to sub-company {self.subcompany_id} ({message}): check "
             f"CRMSYNC_PROTO_SUBCOMPANY_ID, and that {self._token_setting} is this sub-company's token"
         )
-
-    def redact(self, text: str) -> str:
-        """`text` with the bearer token replaced, for anything that may be logged or stored."""
-        return text.replace(self._token, "[REDACTED]") if self._token else text
 
 
 def _detail(body: str) -> str:

@@ -30,7 +30,12 @@ def state_engine(url: str, **options: Any) -> Engine:
         if url.startswith("sqlite"):
             path = url.removeprefix("sqlite:///")
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"setting CRMSYNC_STATE_URL: cannot create the folder of the SQLite file ({exc.strerror})"
+                    ) from None
             engine = sa.create_engine(url, connect_args={"timeout": 30}, **options)
             sa.event.listen(engine, "connect", _sqlite_pragmas)
             return engine
