@@ -132,12 +132,12 @@ def test_beat_rereads_the_mapping_each_run_and_a_typo_fails_that_run_without_sen
     source_url: str, crm: sa.Engine, harness_on: Callable[..., Harness], sandbox: Sandbox
 ) -> None:
     h = harness_on(source_url)
-    rt = Runtime(h.rt.settings)  # what beat's tasks call: plan_run builds the planner, reading the file
-    first = plan_run("incremental", rt=rt)
+    first = h.sync("incremental")  # a run on the mapping as deployed
     assert first["counts"]["enqueued"] == 6
-    Path(str(rt.settings.mapping)).write_text(MAPPING.replace("column: ltv", "column: lifetime"))
+    Path(str(h.rt.settings.mapping)).write_text(MAPPING.replace("column: ltv", "column: lifetime"))
     calls = sandbox.calls()
 
+    rt = Runtime(h.rt.settings)  # what beat's tasks call: plan_run builds a planner, reading the file again
     with pytest.raises(ConfigError, match=r"mapping.yaml:15: column 'lifetime' is not returned"):
         plan_run("incremental", rt=rt)
     latest = rt.store.runs(limit=1)[0]  # the run beat opened is closed failed, with the line at fault

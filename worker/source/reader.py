@@ -586,15 +586,23 @@ def _reason(exc: sa.exc.SQLAlchemyError) -> str:
 
 
 # The statement each dialect runs on every new source connection, so that the database itself
-# refuses any write on it: whatever a mapping's query holds, its session can only read. A SELECT
-# cannot turn this off (a `set_config` on PostgreSQL is undone by the rollback that ends each
-# read); only a second statement could, and the mapping refuses those (`one_statement`).
+# refuses any write on it: whatever a mapping's query holds, its session can only read (with
+# psycopg, each transaction is begun read only instead: `_psycopg_read_only`). A SELECT cannot
+# turn this off (a `set_config` is undone by the rollback that ends each read); only a second
+# statement could, and the mapping refuses those (`one_statement`).
 _READ_ONLY = {
     "sqlite": "PRAGMA query_only = ON",
     "postgresql": "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
     "mysql": "SET SESSION TRANSACTION READ ONLY",
     "mariadb": "SET SESSION TRANSACTION READ ONLY",
 }
+
+
+def _psycopg_read_only(dbapi_connection: Any, _record: Any) -> None:
+    """psycopg (3) begins every transaction `BEGIN READ ONLY`: read only with no session state,
+    so it also holds behind a transaction-pooling PgBouncer, where a session setting would reach
+    another client's connection and miss ours."""
+    dbapi_connection.read_only = True
 
 
 def source_engine(url: str) -> Engine:
@@ -622,7 +630,10 @@ def source_engine(url: str) -> Engine:
         # MySQL and MariaDB return TIMESTAMP columns in the session's time zone, without saying
         # which: in UTC they are what crmsync takes naive times to be, and no summer time moves them.
         sa.event.listen(engine, "connect", _utc_session)
-    sa.event.listen(engine, "connect", functools.partial(_session_setup, read_only))
+    if engine.dialect.driver == "psycopg":
+        sa.event.listen(engine, "connect", _psycopg_read_only)
+    else:
+        sa.event.listen(engine, "connect", functools.partial(_session_setup, read_only))
     return engine
 
 
