@@ -195,6 +195,8 @@ def harness_on(sandbox: Sandbox, sqlite_state: str, tmp_path: Path) -> Iterator[
     yield build
     for harness in built:
         harness.planner.reader.engine.dispose()
+        if "crm_engine" in harness.__dict__:
+            harness.crm_engine.dispose()
         if "client" in harness.rt.__dict__:  # built lazily: close it only if a call built it
             harness.rt.client.close()
         if "store" in harness.rt.__dict__:

@@ -31,7 +31,7 @@ def harness(source_url: str, harness_on: Callable[..., Harness]) -> Harness:
 
 
 def crm_engine(h: Harness) -> sa.Engine:
-    return h.planner.reader.engine
+    return h.crm_engine
 
 
 def run(h: Harness, kind: str, sandbox: Sandbox, **kw: Any) -> tuple[dict[str, Any], list[str], int]:

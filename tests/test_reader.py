@@ -600,7 +600,7 @@ def test_a_wrong_query_raises_source_error_with_a_clear_message_and_never_the_pa
 
         for err in (info.value, info_pages.value):
             msg = str(err)
-            assert msg.startswith("the source query failed: ")
+            assert msg.startswith("<mapping>:2: the source query failed: ")  # the query's line first
             assert "nope" in msg
             assert password not in msg
             assert "FROM contacts" not in msg  # the reason, not the SQL

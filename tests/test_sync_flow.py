@@ -7,6 +7,7 @@ and what the state table holds.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,11 @@ class Harness:
         self.queued: list[tuple[Queue, dict[str, Any]]] = []
         self.planner = planner(rt)
         self.planner.enqueue = lambda q, msgs: self.queued.extend((q, m) for m in msgs)
+
+    @functools.cached_property
+    def crm_engine(self) -> sa.Engine:
+        """The CRM as its own application writes to it (crmsync's source engine is read only)."""
+        return sa.create_engine(str(self.rt.settings.source_url))
 
     def plan(self, kind: str = "full", **kw: Any) -> dict[str, Any]:
         return self.planner.plan(kind, **kw).as_dict()
@@ -68,7 +74,7 @@ def harness(sandbox: Sandbox, state_url: str, tmp_path: Path) -> Harness:
 
 
 def crm_engine(h: Harness) -> sa.Engine:
-    return h.planner.reader.engine
+    return h.crm_engine
 
 
 def test_full_sync_creates_every_customer_with_tags_and_fields(harness: Harness, sandbox: Sandbox) -> None:

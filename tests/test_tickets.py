@@ -72,7 +72,7 @@ def test_cases_become_tickets_once_their_customer_exists(sandbox: Sandbox, tmp_p
 def test_a_ticket_whose_outcome_is_unknown_is_never_resent_by_crmsync(sandbox: Sandbox, tmp_path: Path) -> None:
     h = harness(sandbox, tmp_path, [])
     h.sync()
-    with h.planner.reader.engine.begin() as conn:  # a new case for a customer Proto already has
+    with h.crm_engine.begin() as conn:  # a new case for a customer Proto already has
         conn.execute(sa.text("INSERT INTO cases VALUES ('K9', 'Lost?', 'C00003')"))
     h.plan()
     assert h.ticket_keys == ["K9"]

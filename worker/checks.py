@@ -49,22 +49,17 @@ def run_checks() -> Iterator[tuple[bool, str]]:
 
 
 def _check_source(located: LocatedMapping, url: str, batch_size: int) -> Iterator[tuple[bool, str]]:
-    mapping = located.mapping
-    reader = SourceReader(source_engine(url), mapping, batch_size)
     try:
-        columns = set(reader.columns())
+        reader = SourceReader(source_engine(url), located.mapping, batch_size)
+        faults = reader.faults()
     except CrmsyncError as exc:
-        yield False, f"{located.where(('source',))}: {exc}"
+        yield False, str(exc)
         return
-    missing = [(col, loc) for col, loc in mapping.columns_used() if col not in columns]
-    for col, loc in missing:
-        yield (
-            False,
-            f"{located.where(loc)}: column {col!r} is not returned by the source query "
-            f"(it returns: {', '.join(sorted(columns))})",
-        )
-    if missing:
+    for fault in faults:
+        yield False, fault
+    if faults:
         return
+    columns = reader.columns()
     yield True, f"source: {len(columns)} columns, every mapped column present"
     try:
         sample = read = 0
@@ -89,10 +84,18 @@ def _check_source(located: LocatedMapping, url: str, batch_size: int) -> Iterato
 
 
 def _field_loc(located: LocatedMapping, field: str) -> tuple[str | int, ...]:
-    for i, spec in enumerate(located.mapping.custom_fields):
+    """The mapping path of what produced `field`: its entry, or the query that returned it."""
+    specs = located.mapping.custom_fields
+    for i, spec in enumerate(specs):
         if spec.name == field:
             return ("custom_fields", i)
-    return tuple(field.split(".")) if "." in field else (field,)
+        if field in spec.types:
+            return ("custom_fields", i, "types", field)
+    if "." in field or field in ("tags",):
+        return tuple(field.split("."))
+    # A field named by a `(key, name, value)` query: that query's line (the first, if several).
+    queries = [i for i, spec in enumerate(specs) if spec.query is not None]
+    return ("custom_fields", queries[0], "query") if queries else ("custom_fields",)
 
 
 def _check_state(url: str) -> Iterator[tuple[bool, str]]:

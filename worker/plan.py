@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .contact import PARTS, Contact, key_text, payload_hash, with_tag
-from .errors import InvalidRecord, SourceError
+from .errors import CrmsyncError, InvalidRecord, SourceError
 from .fields import FIELDS_LOCK, FieldSpec, create_missing
 from .logs import redact
 from .queues import Queue, queue_for
@@ -122,6 +122,13 @@ class Planner:
         else:
             store.close_done_runs()
             result = PlanResult(kind, None if dry_run else store.start_run(kind))
+        try:
+            # First of all: a mapping naming a column the source does not return reads and sends nothing.
+            self.reader.verify()
+        except CrmsyncError as exc:
+            if result.run_id:
+                store.fail_run(result.run_id, redact(str(exc)))
+            raise
         since = self._since() if kind == "incremental" else None
         changed = self.mapping_changes()
         if kind == "incremental" and changed and since is not None:

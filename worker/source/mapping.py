@@ -8,17 +8,149 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import ConfigError
 from ..proto._wire import FIELD_TYPES, PROFILE_FIELDS, field_name_problem
 
 FieldType = Literal["text", "number", "toggle", "select", "date"]
 assert set(FieldType.__args__) == set(FIELD_TYPES)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class _Lexis:
+    """How one SQL dialect family hides a `;`: in which quotes and comments."""
+
+    backslash: bool  # a backslash escapes the next character in '...' and "..." (MySQL)
+    hash_comments: bool  # `#` starts a comment to the end of the line (MySQL)
+    dash_needs_space: bool  # `--` starts a comment only before whitespace (MySQL)
+    nested_comments: bool  # /* /* */ */ nests (PostgreSQL)
+    dollar_quotes: bool  # $tag$...$tag$ is a string (PostgreSQL)
+    escape_strings: bool  # E'...' takes backslash escapes (PostgreSQL)
+    executed_comments: bool  # /*! ... */ and /*M! ... */ are executed, not comments (MySQL, MariaDB)
+
+
+# A `;` counts when any of these sees it outside quotes and comments: the mapping does not say
+# which database it will meet, and a text one dialect reads as one statement may be two to another.
+_LEXES = (
+    _Lexis(False, False, False, False, False, False, False),  # standard SQL, SQLite
+    _Lexis(False, False, False, True, True, True, False),  # PostgreSQL
+    _Lexis(True, True, True, False, False, False, True),  # MySQL, MariaDB
+)
+_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\x80-\U0010ffff][A-Za-z_0-9\x80-\U0010ffff]*)?\$")
+
+
+def _semicolons(sql: str, lexis: _Lexis) -> list[int]:
+    """Positions of the `;` in `sql` that lie outside its quotes and comments, as `lexis` reads it."""
+    found: list[int] = []
+    i, n = 0, len(sql)
+    while i < n:
+        c = sql[i]
+        word_before = i > 0 and (sql[i - 1].isalnum() or sql[i - 1] in "_$")
+        if c == ";":
+            found.append(i)
+            i += 1
+        elif c in "'\"`":
+            escapes = lexis.backslash and c != "`"
+            if c == "'" and lexis.escape_strings and i > 0 and sql[i - 1] in "Ee":
+                escapes = True
+            i = _quote_end(sql, i, escapes)
+        elif _line_comment_at(sql, i, lexis):
+            i = _line_end(sql, i)
+        elif sql.startswith("/*", i):
+            if lexis.executed_comments and (sql.startswith("/*!", i) or sql.startswith("/*M!", i)):
+                i += 2  # its body is SQL the server runs: read on as code
+            else:
+                i = _comment_end(sql, i, lexis.nested_comments)
+        elif c == "$" and lexis.dollar_quotes and not word_before and (tag := _DOLLAR_TAG.match(sql, i)):
+            close = sql.find(tag.group(), tag.end())
+            i = n if close < 0 else close + len(tag.group())
+        else:
+            i += 1
+    return found
+
+
+def _quote_end(sql: str, start: int, escapes: bool) -> int:
+    """The index after the quote opened at `start` (a doubled quote stays inside); the end if none."""
+    quote, i = sql[start], start + 1
+    while i < len(sql):
+        if escapes and sql[i] == "\\":
+            i += 2
+        elif sql[i] == quote:
+            if sql[i + 1 : i + 2] != quote:
+                return i + 1
+            i += 2
+        else:
+            i += 1
+    return len(sql)
+
+
+def _line_comment_at(sql: str, i: int, lexis: _Lexis) -> bool:
+    if sql.startswith("--", i):
+        return not lexis.dash_needs_space or sql[i + 2 : i + 3].isspace()
+    return lexis.hash_comments and sql[i] == "#"
+
+
+def _line_end(sql: str, start: int) -> int:
+    end = sql.find("\n", start)
+    return len(sql) if end < 0 else end + 1
+
+
+def _comment_end(sql: str, start: int, nested: bool) -> int:
+    depth, i = 0, start
+    while i < len(sql):
+        if sql.startswith("/*", i):
+            depth = depth + 1 if nested or depth == 0 else depth
+            i += 2
+        elif sql.startswith("*/", i):
+            depth -= 1
+            i += 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    return len(sql)
+
+
+def one_statement(sql: str) -> str:
+    """`sql` as one statement, without surrounding whitespace or a trailing `;`.
+
+    A `;` outside quotes and comments followed by anything but whitespace starts a second
+    statement: refused (ValueError), whichever dialect's quoting would reveal it. crmsync wraps
+    each query in its own SELECT, and a query that closes that wrapper and adds statements of
+    its own would run them (PostgreSQL runs a text of several statements at once).
+    """
+    text = sql.strip()
+    for lexis in _LEXES:
+        if any(text[p + 1 :].strip() for p in _semicolons(text, lexis)):
+            raise ValueError(
+                "holds more than one SQL statement (a `;` followed by more): give one SELECT, crmsync runs nothing else"
+            )
+    return text.removesuffix(";").rstrip()
+
+
+def _single_statement(sql: str) -> str:
+    one_statement(sql)
+    return sql  # kept as written: the mapping's fingerprints hash what the file says
+
+
+# A query of the mapping: one statement, checked when the file is read.
+Query = Annotated[str, AfterValidator(_single_statement)]
 
 
 class _FaultAt(ValueError):
@@ -36,7 +168,7 @@ class _Strict(BaseModel):
 class SourceSpec(_Strict):
     """Where contacts come from: a query (or a table), its key and its version column."""
 
-    query: str | None = None
+    query: Query | None = None
     table: str | None = None
     key: str
     updated_at: str | None = None
@@ -50,7 +182,7 @@ class SourceSpec(_Strict):
 
     def select_sql(self) -> str:
         """The SQL whose rows are the contacts."""
-        return self.query.strip().rstrip(";") if self.query else f"SELECT * FROM {self.table}"
+        return one_statement(self.query) if self.query else f"SELECT * FROM {self.table}"
 
 
 class TagsSpec(_Strict):
@@ -58,7 +190,7 @@ class TagsSpec(_Strict):
 
     column: str | None = None
     separator: str = ","
-    query: str | None = None
+    query: Query | None = None
 
     @model_validator(mode="after")
     def _one_origin(self) -> TagsSpec:
@@ -74,7 +206,7 @@ class FieldSpec(_Strict):
     column: str | None = None
     type: FieldType = "text"
     options: tuple[str, ...] | None = None
-    query: str | None = None
+    query: Query | None = None
     types: dict[str, FieldType] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -109,7 +241,7 @@ class FieldSpec(_Strict):
 class TicketsSpec(_Strict):
     """CRM cases that become Proto tickets: a query, and which of its columns say what."""
 
-    query: str
+    query: Query
     key: str
     subject: str
     customer: str
@@ -123,6 +255,9 @@ class Mapping(_Strict):
     tags: TagsSpec | None = None
     custom_fields: list[FieldSpec] = Field(default_factory=list)
     tickets: TicketsSpec | None = None
+    # Where the file said what: the line of each YAML node, by path (set by `parse_mapping`).
+    _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
+    _path: str = PrivateAttr(default="<mapping>")
 
     @field_validator("customer")
     @classmethod
@@ -144,6 +279,20 @@ class Mapping(_Strict):
     def field_queries(self) -> list[str]:
         """The `(key, name, value)` queries of custom fields."""
         return [f.query for f in self.custom_fields if f.query is not None]
+
+    def where(self, loc: tuple[str | int, ...]) -> str:
+        """`file:line` of the deepest YAML node on `loc`, so that an error names its line."""
+        return _where(self._lines, self._path, loc)
+
+    def side_queries(self) -> list[tuple[str, tuple[str | int, ...], tuple[str, ...]]]:
+        """The tag and custom-field queries: each one's SQL, YAML path and the columns it must return."""
+        out: list[tuple[str, tuple[str | int, ...], tuple[str, ...]]] = []
+        if self.tags and self.tags.query:
+            out.append((self.tags.query, ("tags", "query"), ("key", "tag")))
+        for i, f in enumerate(self.custom_fields):
+            if f.query is not None:
+                out.append((f.query, ("custom_fields", i, "query"), ("key", "name", "value")))
+        return out
 
     def query_field_type(self, name: str) -> str:
         """The declared type of a field that a `(key, name, value)` query returns (text if none)."""
@@ -188,10 +337,11 @@ class LocatedMapping:
         self.mapping = mapping
         self.lines = lines
         self.path = path
+        mapping._lines, mapping._path = lines, path  # the mapping names its own lines to who reads it
 
     def where(self, loc: tuple[str | int, ...]) -> str:
         """`file:line` of the deepest YAML node on `loc`."""
-        return _where(self.lines, self.path, loc)
+        return self.mapping.where(loc)
 
 
 def _where(lines: dict[tuple[str | int, ...], int], path: str, loc: tuple[str | int, ...]) -> str:

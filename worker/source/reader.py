@@ -24,9 +24,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..contact import CANONICAL_FORM, Contact, build_contact, is_deleted, key_text, unique_id
-from ..errors import InvalidRecord, SourceError
+from ..errors import ConfigError, InvalidRecord, SourceError
 from ..sqlkeys import binary_arrays, one_of, text_forms
-from .mapping import Mapping, TicketsSpec
+from .mapping import Mapping, TicketsSpec, one_statement
+
+# What the errors of the query at a mapping path call it.
+_QUERY_NAMES = {
+    "source": "source query",
+    "tags": "tags query",
+    "custom_fields": "custom-field query",
+    "tickets": "tickets query",
+}
 
 
 @dataclass(frozen=True)
@@ -130,25 +138,82 @@ class SourceReader:
         self.batch_size = batch_size
         self._columns: list[str] | None = None
         self._side_columns: dict[str, list[str]] = {}
+        self._verified = False
 
     # -- shape ---------------------------------------------------------------------------------
 
-    def _probe(self, sql: str) -> list[str]:
-        """Column names of a query, without reading a row."""
+    def _probe(self, sql: str, loc: tuple[str | int, ...]) -> list[str]:
+        """Column names of the query at `loc` of the mapping, without reading a row."""
         probe = sa.text(f"SELECT * FROM ({sql}) AS probe WHERE 1 = 0")
         with self._connect() as conn:
             try:
                 return list(conn.execute(probe).keys())
             except sa.exc.SQLAlchemyError as exc:
-                raise SourceError(f"the source query failed: {_reason(exc)}") from None
+                raise SourceError(f"{self._query_at(loc)} failed: {_reason(exc)}") from None
+
+    def _query_at(self, loc: tuple[str | int, ...]) -> str:
+        """`file:line: the tags query` (say) for the query at `loc`: where its errors point."""
+        return f"{self.mapping.where(loc)}: the {_QUERY_NAMES[str(loc[0])]}"
 
     def columns(self) -> list[str]:
         """The columns the contact query returns."""
         if self._columns is None:
-            self._columns = self._probe(self.mapping.source.select_sql())
+            src = self.mapping.source
+            self._columns = self._probe(src.select_sql(), ("source", "query" if src.query else "table"))
         return self._columns
 
+    def _side_names(self, sql: str, loc: tuple[str | int, ...]) -> list[str]:
+        """The columns a tag, custom-field or tickets query returns (probed once per reader)."""
+        names = self._side_columns.get(sql)
+        if names is None:
+            names = self._side_columns[sql] = self._probe(one_statement(sql), loc)
+        return names
+
+    def faults(self) -> list[str]:
+        """Every column the mapping names that its query does not return, as `file:line: ...`.
+
+        Empty when the source returns all of them. A query that fails raises SourceError
+        naming its line. Never reads a row.
+        """
+        mapping = self.mapping
+        columns = self.columns()
+        faults = [
+            f"{mapping.where(loc)}: column {col!r} is not returned by the source query (it returns: {_listed(columns)})"
+            for col, loc in mapping.columns_used()
+            if col not in columns
+        ]
+        for sql, loc, needed in mapping.side_queries():
+            names = self._side_names(sql, loc)
+            if len(names) < len(needed):
+                faults.append(
+                    f"{self._query_at(loc)} returns {len(names)} columns ({_listed(names)}); it must return "
+                    f"{len(needed)}: {', '.join(needed)}, in that order"
+                )
+        if spec := mapping.tickets:
+            names = self._side_names(spec.query, ("tickets", "query"))
+            faults.extend(
+                f"{mapping.where(('tickets', attr))}: column {col!r} is not returned by the tickets query "
+                f"(it returns: {_listed(names)})"
+                for attr in ("key", "subject", "customer")
+                if (col := getattr(spec, attr)) not in names
+            )
+        return faults
+
+    def verify(self) -> None:
+        """Refuse (ConfigError) a mapping that names a column its query does not return.
+
+        Every read goes through here first, so a missing column is never read as NULL: a
+        mapping typo stops the run at its line instead of blanking a field in Proto. Checked
+        once per reader (each run builds its own).
+        """
+        if self._verified:
+            return
+        if faults := self.faults():
+            raise ConfigError("\n".join(faults))
+        self._verified = True
+
     def _contacts_table(self) -> sa.Subquery:
+        self.verify()
         src = self.mapping.source
         # SQLite keeps a datetime as the text its writer chose ("2026-06-01 00:00:00", with or without
         # a fraction or a "T"): it is read as that text, so the keyset binds back exactly what it
@@ -399,15 +464,15 @@ class SourceReader:
         src = self.mapping.source
         raw_keys = [r[src.key] for r in rows if r.get(src.key) is not None]
         mixed = counted.mixed
-        tags = (
-            self._side_rows(conn, self.mapping.tags.query, raw_keys, mixed)
-            if self.mapping.tags and self.mapping.tags.query
-            else {}
-        )
+        tags: dict[str, list[tuple[Any, ...]]] = {}
         fields: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
-        for query in self.mapping.field_queries:
-            for k, vals in self._side_rows(conn, query, raw_keys, mixed).items():
-                fields[k].extend(vals)
+        for sql, loc, _ in self.mapping.side_queries():
+            side = self._side_rows(conn, sql, loc, raw_keys, mixed)
+            if loc[0] == "tags":
+                tags = side
+            else:
+                for k, vals in side.items():
+                    fields[k].extend(vals)
         page = RawPage(rows, tags, fields)
         if counted.count and raw_keys:
             page.source_counts = counted.copies(conn, raw_keys)
@@ -475,11 +540,9 @@ class SourceReader:
         Each page says which of its case keys the query holds more than once (compared as
         text, like contact keys): no ticket can be opened for such a key, whichever case it is.
         """
-        names = self._probe(spec.query)
-        for col in (spec.key, spec.subject, spec.customer):
-            if col not in names:
-                raise SourceError(f"the tickets query returns no column {col!r} (it returns {', '.join(names)})")
-        table = sa.text(spec.query).columns(*[sa.column(n) for n in names]).subquery("cases")
+        self.verify()
+        names = self._side_names(spec.query, ("tickets", "query"))
+        table = sa.text(one_statement(spec.query)).columns(*[sa.column(n) for n in names]).subquery("cases")
         key = table.c[spec.key]
         keys_of = self._keys(table, key, incremental=False)
         base = sa.select(key, table.c[spec.subject], table.c[spec.customer]).where(key.is_not(None))
@@ -488,7 +551,7 @@ class SourceReader:
             try:
                 rows: Sequence[Any] = _fetch(conn, query)[1]
             except sa.exc.SQLAlchemyError as exc:
-                raise SourceError(f"the tickets query failed: {_reason(exc)}") from None
+                raise SourceError(f"{self._query_at(('tickets', 'query'))} failed: {_reason(exc)}") from None
             cases = [(key_text(k), str(s or ""), None if c is None else key_text(c)) for k, s, c in rows]
             copies = Counter(k for k, _, _ in cases)
             if keys_of.count and rows:
@@ -501,9 +564,9 @@ class SourceReader:
                 yield page
 
     def _side_rows(
-        self, conn: sa.Connection, sql: str, raw_keys: list[Any], mixed: bool = False
+        self, conn: sa.Connection, sql: str, loc: tuple[str | int, ...], raw_keys: list[Any], mixed: bool
     ) -> dict[str, list[tuple[Any, ...]]]:
-        """Rows of a `(key, ...)` query for the given keys, grouped by key text.
+        """Rows of the `(key, ...)` query at `loc` for the given keys, grouped by key text.
 
         Matched as the text the key becomes (the provided_unique_id): the database finds the
         candidates on its own terms (every form of a key on SQLite when the key column mixes
@@ -512,10 +575,8 @@ class SourceReader:
         """
         if not raw_keys:
             return {}
-        names = self._side_columns.get(sql)
-        if names is None:  # probed once per reader, not once per page
-            names = self._side_columns[sql] = self._probe(sql)
-        side = sa.text(sql).columns(*[sa.column(n) for n in names]).subquery("side")
+        names = self._side_names(sql, loc)
+        side = sa.text(one_statement(sql)).columns(*[sa.column(n) for n in names]).subquery("side")
         wanted = text_forms(raw_keys) if mixed else raw_keys
         query = sa.select(*side.c).where(one_of(side.c[names[0]], wanted, self.engine.dialect.name))
         out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
@@ -524,7 +585,7 @@ class SourceReader:
                 if row[0] is not None:
                     out[key_text(row[0])].append(tuple(row[1:]))
         except sa.exc.SQLAlchemyError as exc:
-            raise SourceError(f"a tag or custom-field query failed: {_reason(exc)}") from None
+            raise SourceError(f"{self._query_at(loc)} failed: {_reason(exc)}") from None
         return out
 
     def _connect(self) -> sa.Connection:
@@ -638,6 +699,10 @@ def _later(a: dt.datetime, b: dt.datetime) -> bool:
         return a.replace(tzinfo=a.tzinfo or dt.UTC) > b.replace(tzinfo=b.tzinfo or dt.UTC)
 
 
+def _listed(columns: Sequence[str]) -> str:
+    return ", ".join(sorted(columns)) or "nothing"
+
+
 def _reason(exc: sa.exc.SQLAlchemyError) -> str:
     """The driver's message, without the SQL text or bound parameters (which may hold data)."""
     orig = getattr(exc, "orig", None)
@@ -645,8 +710,32 @@ def _reason(exc: sa.exc.SQLAlchemyError) -> str:
     return text.strip().split("\n")[0][:300]
 
 
+# The statement each dialect runs on every new source connection, so that the database itself
+# refuses any write on it: whatever a mapping's query holds, its session can only read (with
+# psycopg, each transaction is begun read only instead: `_psycopg_read_only`). A SELECT cannot
+# turn this off (a `set_config` is undone by the rollback that ends each read); only a second
+# statement could, and the mapping refuses those (`one_statement`).
+_READ_ONLY = {
+    "sqlite": "PRAGMA query_only = ON",
+    "postgresql": "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    "mysql": "SET SESSION TRANSACTION READ ONLY",
+    "mariadb": "SET SESSION TRANSACTION READ ONLY",
+}
+
+
+def _psycopg_read_only(dbapi_connection: Any, _record: Any) -> None:
+    """psycopg (3) begins every transaction `BEGIN READ ONLY`: read only with no session state,
+    so it also holds behind a transaction-pooling PgBouncer, where a session setting would reach
+    another client's connection and miss ours."""
+    dbapi_connection.read_only = True
+
+
 def source_engine(url: str) -> Engine:
-    """An engine for the CRM database: read-only use, small pool, pre-ping."""
+    """An engine for the CRM database: read-only sessions, small pool, pre-ping.
+
+    Every connection it opens is read only, enforced by the database (see `_READ_ONLY`); a
+    dialect crmsync cannot make read only is refused.
+    """
     try:
         engine = (
             sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
@@ -655,17 +744,33 @@ def source_engine(url: str) -> Engine:
         )
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise SourceError(f"CRMSYNC_SOURCE_URL is not a usable database URL: {exc}") from None
+    read_only = _READ_ONLY.get(engine.dialect.name)
+    if read_only is None:
+        raise ConfigError(
+            f"CRMSYNC_SOURCE_URL: crmsync reads only SQLite, PostgreSQL and MySQL/MariaDB sources, "
+            f"which it can open read only; not {engine.dialect.name}"
+        )
     binary_arrays(engine)
     if engine.dialect.name in ("mysql", "mariadb"):
         # MySQL and MariaDB return TIMESTAMP columns in the session's time zone, without saying
         # which: in UTC they are what crmsync takes naive times to be, and no summer time moves them.
         sa.event.listen(engine, "connect", _utc_session)
+    if engine.dialect.driver == "psycopg":
+        sa.event.listen(engine, "connect", _psycopg_read_only)
+    else:
+        sa.event.listen(engine, "connect", functools.partial(_session_setup, read_only))
     return engine
 
 
 def _utc_session(dbapi_connection: Any, _record: Any) -> None:
+    _session_setup("SET time_zone = '+00:00'", dbapi_connection, _record)
+
+
+def _session_setup(statement: str, dbapi_connection: Any, _record: Any) -> None:
+    """Run `statement` on a new DBAPI connection and commit it (psycopg opened a transaction for it)."""
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("SET time_zone = '+00:00'")
+        cursor.execute(statement)
     finally:
         cursor.close()
+    dbapi_connection.commit()
