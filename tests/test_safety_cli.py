@@ -289,7 +289,7 @@ def test_check_output_carries_no_password_or_token(env: dict[str, str], tmp_path
     assert "hunter2" not in done.stdout + done.stderr and TOKEN not in done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[:2] == ["ok    settings", f"ok    mapping {mapping}"]
-    assert lines[2].startswith(f"FAIL  {mapping}:1: cannot connect to the source database")
+    assert lines[2].startswith("FAIL  cannot connect to the source database")  # not a fault of a mapping line
     assert lines[3:] == [
         "FAIL  state database is not migrated: run `crmsync init`",
         "FAIL  Proto API at http://127.0.0.1:1/api/platform: list_custom_fields: connection failed (ConnectError)",
