@@ -233,6 +233,7 @@ def test_a_planner_killed_mid_planning_leaves_a_failed_run_within_its_lease_and_
     [dead] = state.runs()
     assert dead["status"] == "planning"
 
+    crm_env["CRMSYNC_BATCH_SIZE"] = "500"  # the next commands need not be slow
     # Asked for while the lease runs: nothing starts; the command names the open run and follows it.
     follower = crmsync(crm_env, "sync", "full", "--wait")
     failed_within = time.monotonic() - killed_at
