@@ -291,8 +291,10 @@ def wait_for_run(
             run = rt.store.run(run_id)
             if run is None:
                 raise CrmsyncError(f"no run with id {run_id}")
-            waiting = rt.store.run_waiting(run_id)
-            progress = {**rt.store.run_progress(run_id), "waiting": waiting}
+            progress = rt.store.run_progress(run_id)
+            # Contacts a later run took over are counted once the run's own are done: one query a poll till then.
+            waiting = progress.get("queued", 0) or rt.store.run_waiting(run_id)
+            progress["waiting"] = waiting
             if run["status"] != "failed" and run["status"] != "planning" and not waiting:
                 run = rt.store.finish_run(run_id)
         except sa.exc.DBAPIError as exc:
