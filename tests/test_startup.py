@@ -191,6 +191,7 @@ def test_the_wait_notices_the_last_contact_of_a_run_at_once(sqlite_state: str) -
     run_id = rt.store.start_run("full")
     keys = [f"k{i}" for i in range(60)]
     rt.store.mark_queued(run_id, [(k, None) for k in keys])
+    rt.store.update_run(run_id, status="running")  # planned: a run still being planned is not waited out
     last_done: list[float] = []
 
     def work() -> None:  # 20 contacts/s for 3 s, as workers would sync them

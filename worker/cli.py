@@ -95,22 +95,64 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    """Plan a full or incremental run; with --wait, see it through."""
-    from .jobs import embedded_worker, plan_run, wait_for_run
+    """Plan a full or incremental run; with --wait, see it through.
+
+    A full sync asked for while a full run is open starts nothing: it names that run, and with
+    --wait follows it to its end instead.
+    """
+    from .jobs import RunInProgress, embedded_worker, plan_run, wait_for_run
     from .runtime import runtime
 
     rt = runtime()
     started()  # after the imports: planning a large CRM makes garbage
     tick = Ticker(args.json)
-    result = plan_run(
-        args.kind,
-        force=args.force,
-        dry_run=args.dry_run,
-        progress=lambda c: tick(f"planning: read {c['read']}, to send {c['enqueued']}, unchanged {c['unchanged']}"),
-    )
+    try:
+        result = plan_run(
+            args.kind,
+            force=args.force,
+            dry_run=args.dry_run,
+            progress=lambda c: tick(f"planning: read {c['read']}, to send {c['enqueued']}, unchanged {c['unchanged']}"),
+        )
+    except RunInProgress as exc:
+        if exc.run is None or args.kind != "full":
+            raise
+        return _follow(exc.run, rt, args, embedded_worker, wait_for_run)
     if args.dry_run or not args.wait or not result["counts"]["enqueued"]:
         run = rt.store.run(result["run_id"]) if result["run_id"] else None
         return _report(result, rt, args, run)
+    return _see_through(result, rt, args, embedded_worker, wait_for_run)
+
+
+def _follow(
+    run: dict[str, Any],
+    rt: Any,
+    args: argparse.Namespace,
+    embedded_worker: Callable[..., Any],
+    wait_for_run: Callable[..., dict[str, Any]],
+) -> int:
+    """Say which run is open and how far it is; with --wait, see that run through."""
+    from .state.store import RUN_COUNTS
+
+    if run["status"] == "planning":
+        how_far = f"being planned since {run['started_at']:%Y-%m-%d %H:%M:%S} UTC"
+    else:
+        progress = rt.store.run_progress(run["id"])
+        done = sum(n for status, n in progress.items() if status != "queued")
+        how_far = f"{run['status']}: {done} of {run['enqueued']} contacts done, {progress.get('queued', 0)} queued"
+    result = {
+        "kind": run["kind"],
+        "run_id": run["id"],
+        "counts": {k: run.get(k, 0) for k in RUN_COUNTS},
+        "preview": [],
+        "already_open": True,
+    }
+    if not args.json:
+        following = "following it" if args.wait else "not starting another"
+        print(f"{run['kind']} run {run['id']} is already open ({how_far}): {following}", flush=True)
+    if not args.wait:
+        if args.json:
+            _print_json({**result, "run": run})
+        return 0
     return _see_through(result, rt, args, embedded_worker, wait_for_run)
 
 
@@ -125,7 +167,7 @@ def _see_through(
     with RunProgress(total, f"{result['kind']} sync", quiet=args.json) as bar:
 
         def on_progress(p: dict[str, int]) -> None:
-            bar.update(total - p.get("queued", 0), p.get("synced", 0), p.get("dead", 0))
+            bar.update(max(total - p["waiting"], 0), p.get("synced", 0), p.get("dead", 0))
 
         if rt.settings.embedded_broker:
             with embedded_worker(rt) as alive:
@@ -136,15 +178,24 @@ def _see_through(
 
 
 def _report(result: dict[str, Any], rt: Any, args: argparse.Namespace, run: dict[str, Any] | None) -> int:
+    """Print a run's counts (one JSON object with --json); exit 1 for a run that failed."""
+    from .state.store import RUN_COUNTS
+
     if run:
         result = {**result, "run": run}
-        for k in ("synced", "dead", "failed"):
+        # A followed run was open when this command began: its counts are the ones it ended with.
+        taken = RUN_COUNTS if result.get("already_open") else ("synced", "dead", "failed")
+        for k in taken:
             result["counts"][k] = run.get(k, 0)
         if run.get("finished_at") and run.get("started_at"):
             result["seconds"] = round((run["finished_at"] - run["started_at"]).total_seconds(), 2)
+    failed = bool(run and run["status"] == "failed")
+    if failed:
+        assert run is not None
+        print(f"crmsync: error: run {run['id']} failed: {run.get('error') or 'no error recorded'}", file=sys.stderr)
     if getattr(args, "json", False):
         _print_json(result)
-        return 0
+        return 1 if failed else 0
     c = result["counts"]
     what = "dry run" if getattr(args, "dry_run", False) else f"run {result['run_id']}"
     _say(
@@ -156,12 +207,12 @@ def _report(result: dict[str, Any], rt: Any, args: argparse.Namespace, run: dict
     _say(f"  parts to send: {parts}")
     if run:
         _say(
-            f"  finished: synced {run.get('synced', 0)}, dead-lettered {run.get('dead', 0)}"
-            + (f" in {result['seconds']} s" if "seconds" in result else "")
+            f"  {'failed' if failed else 'finished'}: synced {run.get('synced', 0)}, "
+            f"dead-lettered {run.get('dead', 0)}" + (f" in {result['seconds']} s" if "seconds" in result else "")
         )
     for item in result.get("preview", [])[:5] if getattr(args, "dry_run", False) else []:
         _say(f"  {'new' if item['new'] else 'changed'} {item['key']}: {', '.join(item['parts'])}")
-    return 0
+    return 1 if failed else 0
 
 
 # prometheus-client's multiprocess mode (see worker/metrics.py): named here, as it must be set

@@ -12,15 +12,16 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+import sqlalchemy as sa
+
 from .contact import Contact
 from .errors import ConfigError, CrmsyncError
-from .plan import Planner, PlanResult, Progress
+from .plan import Planner, PlanResult, Progress, planning_run
 from .queues import Queue, queue_for
 from .runtime import Runtime, runtime
 from .source.mapping import load_mapping
@@ -29,12 +30,20 @@ from .sync import message
 from .tickets import resend_ready_tickets
 
 log = logging.getLogger(__name__)
-PLAN_LOCK_TTL = 60.0
 RECONCILE_EVERY = 5.0
+# How long `sync --wait` rides out a state DB it cannot reach before it gives up (the run goes on).
+STATE_OUTAGE_LIMIT = 300.0
 
 
 class RunInProgress(CrmsyncError):
-    """Another run of the same kind is being planned."""
+    """Another run of the same kind is open (being planned, or a full run being synced): none was started.
+
+    `run` is that run, when it is known.
+    """
+
+    def __init__(self, message: str, run: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.run = run
 
 
 def celery_enqueue(queue: Queue, msgs: list[dict[str, Any]]) -> None:
@@ -79,39 +88,23 @@ def planner(rt: Runtime) -> Planner:
 
 
 @contextlib.contextmanager
-def _renewed(rt: Runtime, name: str, holder: str, ttl: float, on_lost: Callable[[], None]) -> Iterator[None]:
-    """Keep a held lease renewed while the block runs; release it after."""
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(ttl / 3):
-            if not rt.store.acquire_lock(name, holder, ttl):
-                on_lost()
-                return
-
-    threading.Thread(target=renew, name=f"crmsync-lease-{name}", daemon=True).start()
-    try:
-        yield
-    finally:
-        stop.set()
-        rt.store.release_lock(name, holder)
-
-
-@contextlib.contextmanager
 def plan_lock(rt: Runtime, kind: str) -> Iterator[None]:
     """Hold the planning lease of `kind` (renewed while planning), or raise RunInProgress.
 
     The lease is short and renewed, so a planner killed mid-run blocks the next one for
-    PLAN_LOCK_TTL seconds at most.
+    CRMSYNC_PLAN_LEASE seconds at most.
     """
-    name, holder = f"plan:{kind}", uuid.uuid4().hex
-    if not rt.store.acquire_lock(name, holder, PLAN_LOCK_TTL):
-        raise RunInProgress(f"another {kind} run is being planned; try again when it has finished")
+    name, holder, ttl = f"plan:{kind}", uuid.uuid4().hex, rt.settings.plan_lease
+    if not rt.store.acquire_lock(name, holder, ttl):
+        planning = [r for r in rt.store.open_runs(kind) if r["status"] == "planning"]
+        raise RunInProgress(
+            f"another {kind} run is being planned; try again when it has finished", planning[-1] if planning else None
+        )
 
     def lost() -> None:
         log.error("the %s planning lease was lost (the state DB was unreachable?): another run may start", kind)
 
-    with _renewed(rt, name, holder, PLAN_LOCK_TTL, lost):
+    with rt.store.renewed(name, holder, ttl, lost):
         yield
 
 
@@ -134,7 +127,7 @@ def scheduler_lease(rt: Runtime, on_wait: Callable[[], None] = lambda: None, ttl
         log.error("the scheduler lease was lost: stopping so that only one scheduler runs")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    with _renewed(rt, "beat", holder, ttl, lost):
+    with rt.store.renewed("beat", holder, ttl, lost):
         yield
 
 
@@ -146,12 +139,20 @@ def plan_run(
     progress: Progress | None = None,
     rt: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Plan a full or incremental run (under its lock); returns its summary."""
+    """Plan a full or incremental run (under its lock); returns its summary.
+
+    A full run is one at a time: while one is open (planned, or its contacts being synced),
+    another would plan them all again and take them over. RunInProgress names the open one.
+    """
     rt = rt or runtime()
     plan = planner(rt)
     if dry_run:
         return plan.plan(kind, force=force, dry_run=True, progress=progress).as_dict()
     with plan_lock(rt, kind):
+        if kind == "full":
+            rt.store.close_done_runs()  # one whose planner died, or whose contacts are all done, is over
+            if open_runs := rt.store.open_runs("full"):
+                raise RunInProgress(f"full run {open_runs[0]['id']} is still open", open_runs[0])
         return plan.plan(kind, force=force, progress=progress).as_dict()
 
 
@@ -201,15 +202,15 @@ def replay(
 
 
 def _replay_as_recorded(rt: Runtime, letters: list[dict[str, Any]]) -> PlanResult:
-    result = PlanResult("replay", rt.store.start_run("replay"))
-    assert result.run_id is not None
-    contacts = [Contact.from_payload(d["payload"]) for d in letters if "key" in d["payload"]]
-    rt.store.mark_queued(result.run_id, [(c.key, c.version) for c in contacts])
-    celery_enqueue(
-        queue_for("replay"), [message(result.run_id, c, kind=result.kind, was_dead=True, force=True) for c in contacts]
-    )
-    result.counts.update(read=len(contacts), enqueued=len(contacts))
-    rt.store.update_run(result.run_id, status="running", enqueued=len(contacts), read=len(contacts))
+    with planning_run(rt, "replay") as run_id:
+        result = PlanResult("replay", run_id)
+        contacts = [Contact.from_payload(d["payload"]) for d in letters if "key" in d["payload"]]
+        rt.store.mark_queued(run_id, [(c.key, c.version) for c in contacts])
+        celery_enqueue(
+            queue_for("replay"), [message(run_id, c, kind=result.kind, was_dead=True, force=True) for c in contacts]
+        )
+        result.counts.update(read=len(contacts), enqueued=len(contacts))
+        rt.store.update_run(run_id, status="running", enqueued=len(contacts), read=len(contacts))
     return result
 
 
@@ -229,6 +230,8 @@ def reconcile(rt: Runtime | None = None, run_id: str | None = None) -> dict[str,
     tickets whose customer is in Proto go again too (a send is claimed: never opened twice).
     """
     rt = rt or runtime()
+    if failed := rt.store.fail_abandoned_runs():
+        log.warning("runs %s: their planner stopped during planning: closed as failed", ", ".join(failed))
     if abandoned := rt.store.abandon_sending_tickets(older_than=rt.settings.task_time_limit):
         log.warning("%d tickets were being sent by a worker that stopped: left `unknown` for an operator", abandoned)
     runs = [r for r in rt.store.running_runs() if run_id in (None, r["id"])]
@@ -258,37 +261,94 @@ def wait_for_run(
     alive: Callable[[], bool] = lambda: True,
     poll: float = 0.2,
     min_poll: float = 0.02,
+    outage_limit: float = STATE_OUTAGE_LIMIT,
 ) -> dict[str, Any]:
-    """Block until every customer of the run is synced or dead-lettered; returns the closed run.
+    """Block until every contact the run planned is synced or dead-lettered; returns the closed run.
+
+    A run still being planned is not done, however few of its contacts are queued; a run that
+    failed is done (the caller tells its error). A contact the run planned and a later run
+    planned again counts until that one's task is done too (see StateStore.run_waiting).
 
     The run's progress is read every `poll` seconds, and more often as its end nears (down to
     `min_poll`: see `next_poll`), so that the command returns soon after the last contact.
-    On Redis it also reconciles the run every few seconds, so tasks lost with a killed
-    worker are re-sent once the run stalls, not when Redis's visibility timeout expires.
+    Every few seconds it closes runs whose planner died (this one, say), and on Redis it
+    reconciles the run, so tasks lost with a killed worker are re-sent once the run stalls,
+    not when Redis's visibility timeout expires. A state DB out of reach is waited for, up to
+    `outage_limit` seconds in a row: the run goes on meanwhile.
     """
-    next_reconcile = time.monotonic() + RECONCILE_EVERY
+    next_check = time.monotonic() + RECONCILE_EVERY
     first: tuple[float, int] | None = None
+    outage = StateOutage(outage_limit, run_id)
     while True:
-        if not rt.settings.embedded_broker and time.monotonic() >= next_reconcile:
-            reconcile(rt, run_id)
-            next_reconcile = time.monotonic() + RECONCILE_EVERY
-        asked = time.monotonic()
-        progress = rt.store.run_progress(run_id)
+        try:
+            if time.monotonic() >= next_check:
+                if rt.settings.embedded_broker:
+                    rt.store.fail_abandoned_runs()
+                else:
+                    reconcile(rt, run_id)  # which fails abandoned runs first
+                next_check = time.monotonic() + RECONCILE_EVERY
+            asked = time.monotonic()
+            run = rt.store.run(run_id)
+            if run is None:
+                raise CrmsyncError(f"no run with id {run_id}")
+            progress = rt.store.run_progress(run_id)
+            # Contacts a later run took over are counted once the run's own are done: one query a poll till then.
+            waiting = progress.get("queued", 0) or rt.store.run_waiting(run_id)
+            progress["waiting"] = waiting
+            if run["status"] != "failed" and run["status"] != "planning" and not waiting:
+                run = rt.store.finish_run(run_id)
+        except sa.exc.DBAPIError as exc:
+            if not (isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or exc.connection_invalidated):
+                raise
+            time.sleep(outage.failed(exc))
+            continue
+        outage.over()
         now = time.monotonic()
         if on_progress:
             on_progress(progress)
-        queued = progress.get("queued", 0)
-        run = rt.store.run(run_id)
-        if run is not None and run["status"] == "failed":
-            # Closed by its planner or its tasks (refused credentials): its contacts may wait queued.
-            raise CrmsyncError(f"run {run_id} failed: {run['error']}")
-        if not queued:
-            return rt.store.finish_run(run_id)
+        if run["status"] in ("finished", "failed"):
+            return run
         if not alive():
             raise CrmsyncError("the worker stopped before the run finished; see its log")
-        first = first or (now, queued)
-        rate = (first[1] - queued) / (now - first[0]) if now > first[0] else 0.0
-        time.sleep(next_poll(queued, rate, query_seconds=now - asked, poll=poll, min_poll=min_poll))
+        first = first or (now, waiting)
+        rate = (first[1] - waiting) / (now - first[0]) if now > first[0] else 0.0
+        time.sleep(next_poll(waiting, rate, query_seconds=now - asked, poll=poll, min_poll=min_poll))
+
+
+class StateOutage:
+    """The state DB out of reach of a wait: said once, waited for, given up on after `limit` seconds."""
+
+    RETRY_EVERY = 1.0
+
+    def __init__(self, limit: float, run_id: str) -> None:
+        self.limit = limit
+        self.run_id = run_id
+        self.since: float | None = None
+
+    def failed(self, exc: Exception) -> float:
+        """A read failed for want of the state DB: returns how long to wait before the next, or raises."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            log.warning("state DB unreachable, retrying (for up to %.0f s): %s", self.limit, _first_line(exc))
+        elif now - self.since >= self.limit:
+            raise CrmsyncError(
+                f"the state DB stayed unreachable for {now - self.since:.0f} s: stopped waiting for run "
+                f"{self.run_id}, which goes on without this command ({_first_line(exc)})"
+            )
+        return self.RETRY_EVERY
+
+    def over(self) -> None:
+        """A read went through: the next failure starts a new outage."""
+        if self.since is not None:
+            log.warning("state DB reachable again after %.0f s", time.monotonic() - self.since)
+            self.since = None
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def next_poll(queued: int, rate: float, *, query_seconds: float, poll: float, min_poll: float) -> float:

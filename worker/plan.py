@@ -8,13 +8,14 @@ enqueued; only then does the watermark move past it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import multiprocessing
 import pickle
 import queue as queue_module
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from .settings import Settings
 from .source.mapping import Mapping
 from .source.reader import InvalidRow, RawPage, SourceReader, Verdict, earlier_of, later_of
 from .state.models import utcnow
-from .state.store import PartHashes
+from .state.store import PartHashes, run_lease
 from .sync import message
 from .tickets import plan_tickets
 
@@ -114,21 +115,43 @@ class Planner:
         """Plan one run of `kind` (full, incremental, replay); returns its counts.
 
         `into_run` plans `keys` again into that existing run (the reconciler's re-send of
-        lost tasks) instead of opening a new one.
+        lost tasks) instead of opening a new one. Whatever stops the planning of a run (an
+        error, its planner's death) closes it failed: see `planning_run`.
         """
-        store = self.rt.store
+        options: dict[str, Any] = dict(force=force, dry_run=dry_run, keys=keys, progress=progress)
+        if dry_run:
+            result = PlanResult(kind, None)
+            self._plan(result, into_run=False, **options)
+            return result
         if into_run:
             result = PlanResult(kind, into_run)
-        else:
-            store.close_done_runs()
-            result = PlanResult(kind, None if dry_run else store.start_run(kind))
-        try:
-            # First of all: a mapping naming a column the source does not return reads and sends nothing.
-            self.reader.verify()
-        except CrmsyncError as exc:
-            if result.run_id:
-                store.fail_run(result.run_id, redact(str(exc)))
-            raise
+            try:
+                self._plan(result, into_run=True, **options)
+            except Exception as exc:
+                self.rt.store.fail_run(into_run, redact(str(exc)))
+                raise
+            return result
+        self.rt.store.close_done_runs()
+        with planning_run(self.rt, kind) as run_id:
+            result = PlanResult(kind, run_id)
+            self._plan(result, into_run=False, **options)
+        return result
+
+    def _plan(
+        self,
+        result: PlanResult,
+        *,
+        force: bool,
+        dry_run: bool,
+        keys: Sequence[str] | None,
+        progress: Progress | None,
+        into_run: bool,
+    ) -> None:
+        """Plan `result`'s run: read, compare, enqueue; then move the watermark and close the planning."""
+        # First of all: a mapping naming a column the source does not return reads and sends nothing.
+        self.reader.verify()
+        store = self.rt.store
+        kind = result.kind
         since = self._since() if kind == "incremental" else None
         changed = self.mapping_changes()
         if kind == "incremental" and changed and since is not None:
@@ -144,17 +167,12 @@ class Planner:
         # The watermark stops at the newest row that existed when it began (the signpost).
         signpost = self.reader.max_updated() if full_read else None
         self.state_was_empty = full_read and not store.has_customers()
-        try:
-            splits = self._key_splits() if full_read else []
-            if splits:
-                newest = self._plan_in_parallel(splits, result, registry, force=force, progress=progress)
-            else:
-                pages = self.reader.raw_pages(since=since, keys=keys)
-                newest = self._plan_pages(pages, result, registry, force=force, dry_run=dry_run, progress=progress)
-        except Exception as exc:
-            if result.run_id:
-                store.fail_run(result.run_id, redact(str(exc)))
-            raise
+        splits = self._key_splits() if full_read else []
+        if splits:
+            newest = self._plan_in_parallel(splits, result, registry, force=force, progress=progress)
+        else:
+            pages = self.reader.raw_pages(since=since, keys=keys)
+            newest = self._plan_pages(pages, result, registry, force=force, dry_run=dry_run, progress=progress)
         if self.mapping.tickets and result.run_id and not into_run and kind != "replay" and self.enqueue_tickets:
             result.counts.update(plan_tickets(self.rt, self.reader, self.mapping.tickets, self.enqueue_tickets))
         if full_read:
@@ -164,8 +182,9 @@ class Planner:
             store.record_mapping(self.mapping.part_fingerprints())
         if result.run_id and not into_run:
             c = result.counts
-            store.update_run(
+            planned = store.update_run(
                 result.run_id,
+                only_from="planning",
                 status="running",
                 planned_at=utcnow(),
                 read=c["read"],
@@ -175,9 +194,12 @@ class Planner:
                 invalid=c["invalid"],
                 deleted=c["deleted"],
             )
+            if not planned:
+                # Its lease lapsed (the state DB was away longer than CRMSYNC_PLAN_LEASE) and another
+                # process closed it: its tasks still sync, but the run stays as that process closed it.
+                raise PlanningFailed(f"run {result.run_id} was closed as failed while it was being planned")
             if not c["enqueued"]:
                 store.finish_run(result.run_id)
-        return result
 
     def _plan_pages(
         self,
@@ -464,6 +486,42 @@ class Planner:
             spec = specs.get(name)
             wanted[name] = (spec.type, spec.options) if spec else (self.mapping.query_field_type(name), None)
         registry.update(create_missing(self.rt, wanted))
+
+
+class PlanningFailed(CrmsyncError):
+    """A run's planning stopped on an error from below crmsync (the run is closed failed)."""
+
+
+@contextlib.contextmanager
+def planning_run(rt: Runtime, kind: str) -> Iterator[str]:
+    """Open a run of `kind` for the block that plans it; yields the run's id.
+
+    The run's planning lease is renewed while the block runs, so that a planner that dies
+    (SIGKILL, a lost host) leaves a run that the next `close_done_runs` (the next planning,
+    beat's reconciler, `status`) fails once CRMSYNC_PLAN_LEASE has passed. An error in the
+    block fails the run at once, with the error, and goes on up: a CrmsyncError as it is, any
+    other error as a PlanningFailed that names the run (one line, no traceback, for the CLI).
+    """
+    store = rt.store
+    ttl = rt.settings.plan_lease
+    run_id = store.start_run(kind, lease=ttl)
+
+    def lost() -> None:
+        log.error("run %s: its planning lease was lost (state DB unreachable?): it may be closed as failed", run_id)
+
+    try:
+        with store.renewed(run_lease(run_id), run_id, ttl, lost):
+            yield run_id
+    except BaseException as exc:
+        error = redact(str(exc) if isinstance(exc, CrmsyncError) else f"{type(exc).__name__}: {exc}")
+        try:
+            store.fail_run(run_id, error)
+        except Exception as closing:  # the state DB is away: the lease expires, and the run is failed then
+            log.warning("run %s: cannot record its failure now (%s): it is once its lease expires", run_id, closing)
+        if isinstance(exc, Exception) and not isinstance(exc, CrmsyncError):
+            log.debug("planning run %s failed", run_id, exc_info=exc)
+            raise PlanningFailed(f"run {run_id} failed: {error.splitlines()[0]}") from exc
+        raise
 
 
 class RangeFailed(SourceError):

@@ -17,6 +17,7 @@ DEFAULT_BASE_URL = "https://v3-api.proto.cx/api/platform"
 # ASSUMED: Proto publishes no limit; the sandbox defaults to the same figure.
 DEFAULT_RATE_LIMIT = 50.0
 DEFAULT_DEGRADED_THRESHOLD = 0.01
+DEFAULT_PLAN_LEASE = 60.0
 
 
 class Settings(BaseSettings):
@@ -50,6 +51,12 @@ class Settings(BaseSettings):
     # and a fingerprint each, never a call.
     lookback_seconds: float = Field(
         3600.0, ge=0, description="Incremental syncs re-read this far behind the watermark."
+    )
+    plan_lease: float = Field(
+        DEFAULT_PLAN_LEASE,
+        ge=1,
+        description="Seconds a planner's leases last unless renewed: a planner that died is noticed this long "
+        "after (its run closed failed, the next run of its kind let through).",
     )
     incremental_every: float = Field(60.0, gt=0, description="Seconds between beat's incremental syncs.")
     full_sync_cron: str = Field("0 2 * * *", description="Cron line of beat's nightly full sync.")

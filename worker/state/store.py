@@ -12,7 +12,7 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..proto import CustomField
-from ..settings import DEFAULT_DEGRADED_THRESHOLD
+from ..settings import DEFAULT_DEGRADED_THRESHOLD, DEFAULT_PLAN_LEASE
 from ..sqlkeys import one_of
 from .models import CustomerSyncState, CustomFieldRecord, DeadLetter, Lock, SyncCursor, SyncRun, Ticket, utcnow
 
@@ -33,6 +33,7 @@ FIELDS = cast(sa.Table, CustomFieldRecord.__table__)
 LOCKS = cast(sa.Table, Lock.__table__)
 TICKETS = cast(sa.Table, Ticket.__table__)
 
+OPEN_STATUSES = ("planning", "running")
 RUN_COUNTS = (
     "read",
     "changed",
@@ -381,17 +382,31 @@ class StateStore:
 
     # -- runs ------------------------------------------------------------------------------------
 
-    def start_run(self, kind: str) -> str:
-        """Open a run of `kind`; returns its id."""
+    def start_run(self, kind: str, lease: float = DEFAULT_PLAN_LEASE) -> str:
+        """Open a run of `kind`, `planning`, with its planning lease for `lease` seconds; returns its id.
+
+        The lease (`run_lease(id)`, in the same transaction: no run is ever planning without one)
+        is the planner's sign of life: whoever plans the run renews it (`renewed`), and once it
+        has expired `close_done_runs` closes the run as failed.
+        """
         run_id = uuid.uuid4().hex[:16]
+        now = utcnow()
         with self._begin() as conn:
-            conn.execute(RUNS.insert().values(id=run_id, kind=kind, status="planning", started_at=utcnow()))
+            conn.execute(RUNS.insert().values(id=run_id, kind=kind, status="planning", started_at=now))
+            expires = now + dt.timedelta(seconds=lease)
+            conn.execute(LOCKS.insert().values(name=run_lease(run_id), holder=run_id, expires_at=expires))
         return run_id
 
-    def update_run(self, run_id: str, **values: Any) -> None:
-        """Set columns of a run (counts, status, timestamps)."""
+    def update_run(self, run_id: str, *, only_from: str | None = None, **values: Any) -> bool:
+        """Set columns of a run (counts, status, timestamps), if it is in status `only_from` when given.
+
+        Returns whether the run was changed.
+        """
+        query = RUNS.update().where(RUNS.c.id == run_id)
+        if only_from:
+            query = query.where(RUNS.c.status == only_from)
         with self._begin() as conn:
-            conn.execute(RUNS.update().where(RUNS.c.id == run_id).values(**values))
+            return bool(conn.execute(query.values(**values)).rowcount)
 
     def knows_run(self, run_id: str) -> bool:
         """Whether `run_id` is a run of this state DB (asked once per process and run)."""
@@ -423,6 +438,25 @@ class StateStore:
             )
             return {status: n for status, n in rows}
 
+    def run_waiting(self, run_id: str) -> int:
+        """Customers still queued that `run_id` waits for: queued by it, or by any run opened after it.
+
+        A later run that plans a customer again takes it over (its `last_run_id`) while the first
+        run's task for it may still be on its way: the first run's contacts are not all done until
+        those are too. Runs opened before it are not waited for (an incremental run does not wait
+        for the nightly full sync it overlaps).
+        """
+        with self.engine.connect() as conn:
+            return int(conn.execute(self._waiting(run_id, sa.func.count())).scalar() or 0)
+
+    @staticmethod
+    def _waiting(run_id: str, *columns: Any) -> sa.Select[Any]:
+        started = sa.select(RUNS.c.started_at).where(RUNS.c.id == run_id).scalar_subquery()
+        later = sa.select(RUNS.c.id).where(RUNS.c.started_at >= started)
+        return sa.select(*columns).where(
+            STATE.c.status == "queued", sa.or_(STATE.c.last_run_id == run_id, STATE.c.last_run_id.in_(later))
+        )
+
     def stalled_keys(self, run_id: str, quiet_for: float) -> list[str]:
         """Customers still queued by a run in which nothing has moved for `quiet_for` seconds."""
         cutoff = utcnow() - dt.timedelta(seconds=quiet_for)
@@ -439,20 +473,49 @@ class StateStore:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(sa.select(RUNS).where(RUNS.c.status == "running")).mappings()]
 
+    def open_runs(self, kind: str) -> list[dict[str, Any]]:
+        """Runs of `kind` being planned or synced, oldest first."""
+        query = sa.select(RUNS).where(RUNS.c.kind == kind, RUNS.c.status.in_(OPEN_STATUSES))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query.order_by(RUNS.c.started_at)).mappings()]
+
     def close_done_runs(self) -> list[str]:
-        """Close the running runs that have no customer left queued (nobody waited on them)."""
+        """Close the open runs that are over; returns their ids.
+
+        A running run with no customer left that it waits for (nobody waited on it) is finished;
+        a planning run whose planning lease expired (its planner died) is failed.
+        """
+        abandoned = self.fail_abandoned_runs()
         with self.engine.connect() as conn:
             running = list(conn.execute(sa.select(RUNS.c.id).where(RUNS.c.status == "running")).scalars())
         done = [r for r in running if not self._has_queued(r)]
         for run_id in done:
             self.finish_run(run_id)
-        return done
+        return abandoned + done
+
+    def fail_abandoned_runs(self) -> list[str]:
+        """Fail the runs left `planning` by a planner that stopped renewing their lease; returns their ids."""
+        now = utcnow()
+        with self.engine.connect() as conn:
+            planning = list(conn.execute(sa.select(RUNS.c.id).where(RUNS.c.status == "planning")).scalars())
+            if not planning:
+                return []
+            live = sa.select(LOCKS.c.holder).where(
+                LOCKS.c.name.in_([run_lease(r) for r in planning]), LOCKS.c.expires_at >= now
+            )
+            alive = set(conn.execute(live).scalars())
+        failed = []
+        for run_id in (r for r in planning if r not in alive):
+            error = "its planner stopped during planning (no sign of life within its lease, CRMSYNC_PLAN_LEASE)"
+            if self.fail_run(run_id, error, only_from="planning"):
+                failed.append(run_id)
+            self.release_lock(run_lease(run_id), run_id)
+        return failed
 
     def _has_queued(self, run_id: str) -> bool:
-        """Whether a customer of the run is still queued: one row found, not every row counted."""
-        query = sa.select(STATE.c.provided_unique_id).where(STATE.c.last_run_id == run_id, STATE.c.status == "queued")
+        """Whether a customer the run waits for is still queued (see `run_waiting`): one row found, not counted."""
         with self.engine.connect() as conn:
-            return conn.execute(query.limit(1)).first() is not None
+            return conn.execute(self._waiting(run_id, STATE.c.provided_unique_id).limit(1)).first() is not None
 
     def finish_run(self, run_id: str) -> dict[str, Any]:
         """Close a run whose customers are all done, with its final counts and its degraded verdict.
@@ -482,18 +545,16 @@ class StateStore:
         assert closed is not None
         return closed
 
-    def fail_run(self, run_id: str, error: str) -> bool:
-        """Close a run that stopped on an error: a failed run is degraded. False if it was closed already.
+    def fail_run(self, run_id: str, error: str, only_from: str | None = None) -> bool:
+        """Close an open run whose planning stopped on an error: a failed run is degraded.
 
-        Only an open run is closed, so the first error stays the run's one error.
+        A closed run stays as it was closed; `only_from` narrows it to one open status. Returns
+        whether the run was failed by this call.
         """
+        query = RUNS.update().where(RUNS.c.id == run_id, RUNS.c.status.in_([only_from] if only_from else OPEN_STATUSES))
         with self._begin() as conn:
-            closed = conn.execute(
-                RUNS.update()
-                .where(RUNS.c.id == run_id, RUNS.c.status.in_(("planning", "running")))
-                .values(status="failed", finished_at=utcnow(), error=error, degraded=True)
-            ).rowcount
-        return bool(closed)
+            values = {"status": "failed", "finished_at": utcnow(), "error": error, "degraded": True}
+            return bool(conn.execute(query.values(**values)).rowcount)
 
     def claim_uncounted_runs(self) -> list[dict[str, Any]]:
         """Closed runs no metrics have counted yet, each claimed by this call alone (across processes)."""
@@ -851,6 +912,44 @@ class StateStore:
         """Give the lease back."""
         with self._begin() as conn:
             conn.execute(LOCKS.delete().where(LOCKS.c.name == name, LOCKS.c.holder == holder))
+
+    @contextlib.contextmanager
+    def renewed(self, name: str, holder: str, ttl: float, on_lost: Callable[[], None]) -> Iterator[None]:
+        """Keep a held lease renewed (every `ttl` / 3 s) while the block runs; release it after.
+
+        `on_lost` is called, once, when the lease is lost: another holder has it, or no renewal
+        reached the state DB for `ttl` seconds (a shorter outage costs nothing). The block goes
+        on; the caller decides what a lost lease means. A release the state DB does not take is
+        left to expire: the block's own outcome (or error) is what the caller sees.
+        """
+        stop = threading.Event()
+
+        def renew() -> None:
+            renewed_at = time.monotonic()
+            while not stop.wait(ttl / 3):
+                try:
+                    if not self.acquire_lock(name, holder, ttl):
+                        break
+                    renewed_at = time.monotonic()
+                except sa.exc.SQLAlchemyError:
+                    if time.monotonic() - renewed_at >= ttl:
+                        break
+            else:
+                return
+            on_lost()
+
+        threading.Thread(target=renew, name=f"crmsync-lease-{name}", daemon=True).start()
+        try:
+            yield
+        finally:
+            stop.set()
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                self.release_lock(name, holder)
+
+
+def run_lease(run_id: str) -> str:
+    """The name of a run's planning lease (see `StateStore.start_run`)."""
+    return f"run:{run_id}"
 
 
 def is_degraded(*, unsynced: int, read: int, enqueued: int, threshold: float) -> bool:
