@@ -121,3 +121,28 @@ def test_a_source_table_name_plain_qualified_or_quoted_is_accepted(table: str) -
 def test_a_source_table_holding_sql_is_refused(table: str) -> None:
     with pytest.raises(ConfigError, match=re.escape("m.yaml:2: source.table: is not a table name")):
         parse_mapping(MAPPING.replace("  table: contacts", f"  table: {json.dumps(table)}"), "m.yaml")
+
+
+# -- the custom-field registry against Proto ------------------------------------------------------
+
+
+def test_check_reports_a_queried_field_whose_declared_type_differs_in_proto(
+    env: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+    sandbox: Sandbox,
+) -> None:
+    """`types:` of a custom-field query is checked against Proto like a column field's `type:`."""
+    from worker.proto import ProtoClient
+
+    if "sqlite" not in env["CRMSYNC_SOURCE_URL"]:
+        pytest.skip("a check of Proto's fields, whatever the source")
+    with ProtoClient(sandbox.base_url, env["CRMSYNC_PROTO_SUBCOMPANY_ID"], env["CRMSYNC_PROTO_TOKEN"]) as client:
+        client.create_custom_field("signup", "text", None)  # made by hand in Proto, as text
+    query = "  - query: SELECT id, 'signup', '2024-03-01' FROM contacts\n    types: {signup: date}\n"
+    mapping = write_mapping(tmp_path, MAPPING + query)
+    done = crmsync(env, "check")
+    assert done.returncode == 1, done.stdout
+    assert (
+        f"FAIL  {mapping}:19: custom field 'signup' is text in Proto, not date; types cannot change once created"
+        in done.stdout
+    ), done.stdout
