@@ -146,3 +146,17 @@ def test_check_reports_a_queried_field_whose_declared_type_differs_in_proto(
         f"FAIL  {mapping}:19: custom field 'signup' is text in Proto, not date; types cannot change once created"
         in done.stdout
     ), done.stdout
+
+
+# -- settings -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("written", ["\ufeff{t}\r\n", "\ufeff{t}", "{t}\r\n\r\n"], ids=["bom-crlf", "bom", "crlf"])
+def test_a_token_file_saved_by_a_windows_editor_is_read_as_its_token(tmp_path: Path, written: str) -> None:
+    from tests.conftest import TOKEN
+    from worker.settings import Settings
+
+    token_file = tmp_path / "proto-token"
+    token_file.write_bytes(written.format(t=TOKEN).encode("utf-8"))
+    settings = Settings(_env_file=None, proto_token_file=token_file)
+    assert settings.proto_token is not None and settings.proto_token.get_secret_value() == TOKEN
