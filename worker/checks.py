@@ -128,14 +128,20 @@ def _check_proto(settings: object, located: LocatedMapping | None) -> Iterator[t
     yield from _check_registry(rt, fields)
     if located is None:
         return
+    # Each field's declared type: a column field's `type:`, and each name of a query's `types:`.
+    declared: list[tuple[str, str, tuple[str | int, ...]]] = []
     for i, spec in enumerate(located.mapping.custom_fields):
-        have = fields.get(str(spec.name)) if spec.name else None
-        if have is not None and have.type != spec.type:
+        if spec.name:
+            declared.append((spec.name, spec.type, ("custom_fields", i, "type")))
+        declared.extend((name, type_, ("custom_fields", i, "types", name)) for name, type_ in spec.types.items())
+    for name, type_, loc in declared:
+        have = fields.get(name)
+        if have is not None and have.type != type_:
             yield (
                 False,
                 (
-                    f"{located.where(('custom_fields', i, 'type'))}: custom field {spec.name!r} is "
-                    f"{have.type} in Proto, not {spec.type}; types cannot change once created"
+                    f"{located.where(loc)}: custom field {name!r} is "
+                    f"{have.type} in Proto, not {type_}; types cannot change once created"
                 ),
             )
 

@@ -136,7 +136,9 @@ class Settings(BaseSettings):
     def _token_file(self) -> Settings:
         if self.proto_token is None and self.proto_token_file is not None:
             try:
-                token = self.proto_token_file.read_text(encoding="utf-8").strip()
+                # utf-8-sig: an editor's byte-order mark is never part of the token (a BOM is no
+                # whitespace to strip(), and it would be refused as a control character).
+                token = self.proto_token_file.read_text(encoding="utf-8-sig").strip()
             except (OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
                 raise ValueError(f"CRMSYNC_PROTO_TOKEN_FILE: cannot read it ({reason})") from None

@@ -61,13 +61,13 @@ def _semicolons(sql: str, lexis: _Lexis) -> list[int]:
     i, n = 0, len(sql)
     while i < n:
         c = sql[i]
-        word_before = i > 0 and (sql[i - 1].isalnum() or sql[i - 1] in "_$")
+        word_before = i > 0 and _identifier_char(sql[i - 1])
         if c == ";":
             found.append(i)
             i += 1
         elif c in "'\"`":
             escapes = lexis.backslash and c != "`"
-            if c == "'" and lexis.escape_strings and i > 0 and sql[i - 1] in "Ee":
+            if c == "'" and lexis.escape_strings and _escape_string_at(sql, i):
                 escapes = True
             i = _quote_end(sql, i, escapes)
         elif _line_comment_at(sql, i, lexis):
@@ -83,6 +83,27 @@ def _semicolons(sql: str, lexis: _Lexis) -> list[int]:
         else:
             i += 1
     return found
+
+
+def _identifier_char(c: str) -> bool:
+    """Whether `c` may continue an unquoted name: PostgreSQL and MySQL take any non-ASCII
+    character in one (`€$$` is a name, not a dollar quote), as well as `_` and `$`."""
+    return c.isalnum() or c in "_$" or c >= "\x80"
+
+
+def _escape_string_at(sql: str, quote: int) -> bool:
+    r"""Whether the `'` at `quote` opens a PostgreSQL E'...' string: an E that is a token of its own.
+
+    An E ending a name is not one (`name'\'` is the name literal `\`, closed); after a number
+    it is (before PostgreSQL 15, `1E'...'` is 1 and an escape string; since, an error).
+    """
+    if quote == 0 or sql[quote - 1] not in "Ee":
+        return False
+    start = quote - 1
+    while start > 0 and _identifier_char(sql[start - 1]):
+        start -= 1
+    before = sql[start : quote - 1]
+    return not before or all(c in "0123456789" for c in before)
 
 
 def _quote_end(sql: str, start: int, escapes: bool) -> int:
@@ -153,6 +174,20 @@ def _single_statement(sql: str) -> str:
 Query = Annotated[str, AfterValidator(_single_statement)]
 
 
+# A table name, maybe schema-qualified: bare names, or quoted ones holding no quote, `;` or `\`.
+_NAME_PART = r'(?:[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*|"[^"`;\\]+"|`[^"`;\\]+`)'
+_TABLE_NAME = re.compile(rf"{_NAME_PART}(?:\.{_NAME_PART})*")
+
+
+def _table_name(name: str) -> str:
+    # `table:` is put into SQL as it is written: anything but a name would be SQL of its own.
+    if not _TABLE_NAME.fullmatch(name):
+        raise ValueError(
+            'is not a table name (a name or schema.name; "quoted" for one with spaces): give anything else as a `query`'
+        )
+    return name
+
+
 class _FaultAt(ValueError):
     """A validation error whose fault lies below the field validated: `loc` extends its location."""
 
@@ -169,7 +204,7 @@ class SourceSpec(_Strict):
     """Where contacts come from: a query (or a table), its key and its version column."""
 
     query: Query | None = None
-    table: str | None = None
+    table: Annotated[str, AfterValidator(_table_name)] | None = None
     key: str
     updated_at: str | None = None
     deleted: str | None = None

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -723,11 +724,25 @@ _READ_ONLY = {
 }
 
 
+class _OneStatementCursor(psycopg.Cursor[Any]):
+    """A psycopg cursor that sends every query by the extended protocol, whose Parse message
+    holds one statement: PostgreSQL itself refuses a second one ("cannot insert multiple
+    commands into a prepared statement"), whatever quoting fooled `one_statement`.
+
+    psycopg sends a query without parameters by the simple protocol, which runs any number of
+    statements: a smuggled `COMMIT; UPDATE ...` would end the read-only transaction and write.
+    """
+
+    def _execute_send(self, query: Any, *, force_extended: bool = False, binary: bool | None = None) -> None:
+        super()._execute_send(query, force_extended=True, binary=binary)
+
+
 def _psycopg_read_only(dbapi_connection: Any, _record: Any) -> None:
     """psycopg (3) begins every transaction `BEGIN READ ONLY`: read only with no session state,
     so it also holds behind a transaction-pooling PgBouncer, where a session setting would reach
-    another client's connection and miss ours."""
+    another client's connection and miss ours. Its cursors run one statement per query."""
     dbapi_connection.read_only = True
+    dbapi_connection.cursor_factory = _OneStatementCursor
 
 
 def source_engine(url: str) -> Engine:
