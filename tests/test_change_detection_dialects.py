@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from tests.conftest import Sandbox
 from tests.crm import MAPPING, MAPPING_SQLITE_TEXT_IN_UTC, IsoText, contacts_with_date_type, make_crm, touch
 from tests.test_sync_flow import Harness
+from worker.plan import PlanningFailed
 
 LATER = dt.datetime(2026, 6, 1)
 
@@ -146,7 +147,7 @@ def test_rows_sharing_an_updated_at_across_pages_are_each_sent_once_even_when_a_
         def stop_after_the_first_page(_counts: Any) -> None:
             raise RuntimeError("planner killed")
 
-        with pytest.raises(RuntimeError, match="planner killed"):
+        with pytest.raises(PlanningFailed, match="planner killed"):  # the run closed failed, the error named
             h.plan("incremental", progress=stop_after_the_first_page)
         first = [m["contact"]["key"] for _, m in h.queued]
         h.drain()

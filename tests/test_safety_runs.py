@@ -266,6 +266,55 @@ def test_a_planner_killed_mid_planning_leaves_a_failed_run_within_its_lease_and_
     state.engine.dispose()
 
 
+def helpers_of(state_url: str) -> list[int]:
+    """Pids of the planning helper processes (spawned Pythons) whose environment plans into `state_url`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"multiprocessing.spawn" in cmdline and f"CRMSYNC_STATE_URL={state_url}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.services
+def test_the_helpers_of_a_planner_killed_alone_stop_at_their_next_page_and_enqueue_nothing_more(
+    crm_env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    crm = f"sqlite:///{tmp_path / 'crm.db'}"
+    make_crm(crm, 3000).dispose()
+    crm_env.update(
+        CRMSYNC_SOURCE_URL=crm,
+        CRMSYNC_MAPPING=str(write_mapping(tmp_path)),
+        CRMSYNC_BATCH_SIZE="1",  # a page a contact: planning takes seconds
+        CRMSYNC_PLAN_PROCESSES="2",
+    )
+    assert crmsync(crm_env, "init").returncode == 0
+    state = store_of(crm_env["CRMSYNC_STATE_URL"])
+    planner = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "sync", "full"],
+        env=crm_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for("the helper planning", lambda: bool(helpers_of(crm_env["CRMSYNC_STATE_URL"])))
+        wait_for("contacts planned", lambda: state.status_counts().get("queued", 0) >= 200)
+        os.kill(planner.pid, signal.SIGKILL)  # the planner alone, as the OOM killer would
+    finally:
+        planner.wait()
+
+    wait_for("the helpers to stop", lambda: not helpers_of(crm_env["CRMSYNC_STATE_URL"]), timeout=15)
+    planned = state.status_counts().get("queued", 0)
+    time.sleep(2)
+    assert state.status_counts().get("queued", 0) == planned < 3000
+    state.engine.dispose()
+
+
 # -- c. `sync --wait` returns only when every contact it planned is done ------------------------------
 
 

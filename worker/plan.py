@@ -524,6 +524,10 @@ def planning_run(rt: Runtime, kind: str) -> Iterator[str]:
         raise
 
 
+class PlannerGone(CrmsyncError):
+    """A planning helper process found the process it plans for dead."""
+
+
 class RangeFailed(SourceError):
     """Planning one key range of a full run failed (in this process or another)."""
 
@@ -582,10 +586,19 @@ def _plan_range(planner: Planner, job: RangeJob, index: int, registry: dict[str,
         events.put(("counts", index, result.counts - reported))
         reported.update(result.counts - reported)
 
+    parent = multiprocessing.parent_process()
+
+    def between_pages() -> None:
+        # A planner killed outright (SIGKILL, the OOM killer) cannot stop its helpers: each stops
+        # itself at its next page, so that nothing more is enqueued under the run being failed.
+        if parent is not None and not parent.is_alive():
+            raise PlannerGone(f"the planning process of run {job.run_id} died: key range {index} stopped")
+        report()
+
     start_after, stop_at = job.ranges[index]
     pages = planner.reader.raw_pages(start_after=start_after, stop_at=stop_at)
     newest = planner._plan_pages(
-        pages, result, registry, force=job.force, dry_run=False, progress=None, between_pages=report
+        pages, result, registry, force=job.force, dry_run=False, progress=None, between_pages=between_pages
     )
     report()
     return result.preview, newest
