@@ -14,10 +14,8 @@ and what the state tables hold.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,9 +31,9 @@ import sqlalchemy as sa
 
 from tests.conftest import SUBCOMPANY, TOKEN, Sandbox
 from tests.crm import MAPPING, TICKETS_MAPPING, make_crm, write_mapping
+from tests.tcp_proxy import TcpProxy
 from tests.test_breaker import FakeClock
 from tests.test_end_to_end import crmsync, sync_json
-from tests.test_metrics import free_port
 from tests.test_sync_flow import Harness
 from worker.errors import AuthError, AuthPaused, CircuitOpen
 from worker.proto import LocalBreaker, LocalLimiter, ProtoClient, RedisBreaker, RedisLimiter, RetryPolicy
@@ -379,60 +377,6 @@ def test_check_names_a_registered_field_that_proto_no_longer_has_and_the_remedy(
 
 
 # -- c: the limiter's store unreachable ------------------------------------------------------------
-
-
-class TcpProxy:
-    """A TCP relay to a real server that can be cut (connections dropped, port closed) and restored."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._listener: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        listener.settimeout(0.05)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def stop(self) -> None:
-        with self._lock:
-            listener, self._listener = self._listener, None
-            conns, self._conns = self._conns, []
-        if listener is not None:
-            listener.close()
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while self._listener is listener:
-            try:
-                client, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            with self._lock:
-                self._conns += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture
