@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from worker.errors import CrmsyncError
 from worker.jobs import wait_for_run
 from worker.runtime import Runtime
 from worker.settings import Settings
-from worker.state.db import migrate, state_engine
+from worker.state.db import CONNECT_TIMEOUT, migrate, state_engine
 from worker.state.store import StateStore
 
 # The cases of a PostgreSQL CRM, whose tickets query divides by zero at one case: PostgreSQL refuses
@@ -386,3 +387,19 @@ def test_the_wait_gives_up_on_a_state_db_out_of_reach_past_its_limit_with_a_clea
 
     assert 3 <= time.monotonic() - began < 15
     rt.close()
+
+
+def test_a_state_db_that_accepts_but_never_answers_fails_a_connect_in_bounded_time() -> None:
+    """A server that drops packets or hangs would stall a command's outage handling for ever."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nobody ever answers the startup message
+    try:
+        engine = state_engine(f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/crmsync")
+        started = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError):
+            engine.connect()
+        assert time.monotonic() - started < CONNECT_TIMEOUT + 5
+        engine.dispose()
+    finally:
+        silent.close()

@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..sqlkeys import binary_arrays
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+CONNECT_TIMEOUT = 10  # seconds to open a connection to a PostgreSQL state DB
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -40,6 +41,11 @@ def state_engine(url: str, **options: Any) -> Engine:
             sa.event.listen(engine, "connect", _sqlite_pragmas)
             return engine
         options.setdefault("pool_pre_ping", True)
+        parsed = sa.make_url(url)
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            # libpq waits for ever on a server that drops packets: a bounded connect keeps
+            # `sync --wait`'s outage handling (and every worker) in control of its own waiting.
+            options.setdefault("connect_args", {}).setdefault("connect_timeout", CONNECT_TIMEOUT)
         if "poolclass" not in options:
             options.update(pool_size=10, max_overflow=20)
         return binary_arrays(sa.create_engine(url, **options))
