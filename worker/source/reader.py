@@ -400,7 +400,10 @@ class SourceReader:
                 except sa.exc.SQLAlchemyError as exc:
                     raise SourceError(f"{what} failed: {_reason(exc)}") from None
                 edge = tuple(found[0]) if found else None
-                yield read(conn, (query if edge is None else query.where(_up_to(order, edge))).order_by(*order))
+                page = read(conn, (query if edge is None else query.where(_up_to(order, edge))).order_by(*order))
+            # Yielded once the connection is back in the pool: the CRM holds no transaction (nor,
+            # on MariaDB, metadata locks) while the page is planned, nor after a planner stopped.
+            yield page
             if edge is None:
                 return
             after = edge
