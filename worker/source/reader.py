@@ -750,7 +750,7 @@ def _unattributed(key: str, strays: Sequence[tuple[str, str, str]]) -> InvalidRe
         "side_key_mismatch",
         f"{shown}{more}, which the database matches to key {key!r} but whose text is not {key!r}: "
         "the contact is not sent without them. Cast the key column in that query so it reads as "
-        "the same text as the key (e.g. CAST(... AS INTEGER), TRIM(...), or the key's exact case)",
+        "the same text as source.key (the same type, no CHAR padding, the same case)",
         ", ".join(fields),
     )
 
