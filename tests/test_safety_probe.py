@@ -165,12 +165,6 @@ def test_a_token_file_saved_by_a_windows_editor_is_read_as_its_token(tmp_path: P
 # -- side rows of a key the database matches ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="side rows are kept only when their key's text equals the contact key's text: a tag row "
-    "the database matches to key 2.00 (DECIMAL(8,2); REAL 2.0 on SQLite) but keyed by the integer 2 is "
-    "dropped without a word, and the contact is sent without that tag",
-)
 def test_a_tag_row_the_database_matches_to_a_contact_is_never_dropped_silently(source_url: str) -> None:
     from worker.source.reader import SourceReader
 
@@ -188,7 +182,11 @@ def test_a_tag_row_the_database_matches_to_a_contact_is_never_dropped_silently(s
     )
     reader = SourceReader(source_engine(source_url), parse_mapping(text).mapping)
     (page,) = list(reader.pages())
-    sent = {c.key: c.tags for c in page.contacts}
-    # Sent with its tag, or refused with a reason: never sent without it.
-    assert all(tags == ["vip"] for tags in sent.values()) and (sent or page.invalid)
+    # The key reads as 2.00 (2.0 on SQLite), the tag row's as 2: refused with the reason, never
+    # sent without its tag.
+    assert page.contacts == [] and [row.error.code for row in page.invalid] == ["side_key_mismatch"]
+    (refused,) = page.invalid
+    assert refused.error.field == "tags"
+    message = str(refused.error)
+    assert "the tags query returned rows keyed '2'" in message and "Cast the key column" in message
     reader.engine.dispose()

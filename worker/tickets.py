@@ -15,9 +15,13 @@ from collections.abc import Callable
 
 from .errors import AuthError, PermanentError, ProtoError
 from .logs import redact
+from .proto._wire import MAX_UNIQUE_ID_LENGTH  # the tickets table's key and customer are sized so
 from .runtime import Runtime
 from .source.mapping import TicketsSpec
-from .source.reader import SourceReader
+from .source.reader import SourceReader, TicketPage
+
+# A case as the tickets query returns it: (key, subject, customer key).
+Case = tuple[str, str, str | None]
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +32,80 @@ def plan_tickets(
     """Record new cases as pending, and enqueue the pending ones whose customer is synced.
 
     A case key that the tickets query holds more than once is refused, not sent: which case
-    would win is arbitrary, and one key is one ticket (see StateStore.add_tickets).
+    would win is arbitrary, and one key is one ticket (see StateStore.add_tickets). So is a
+    case whose customer key no customer can have. A case whose own key cannot be kept (see
+    `screen`) is skipped, counted and logged: one bad case never fails the run.
     """
     counts: Counter[str] = Counter()
     for page in reader.tickets(spec):
-        counts["tickets_new"] += rt.store.add_tickets(page.cases, page.duplicated)
+        cases, refused, skipped = screen(page)
+        counts["tickets_new"] += rt.store.add_tickets(cases, refused)
+        counts["tickets_refused"] += len(refused)
         if page.duplicated:
-            counts["tickets_refused"] += len(page.duplicated)
             log.warning(
                 "%d ticket keys are held by more than one case (e.g. %r): refused until each is one case's",
                 len(page.duplicated),
                 next(iter(page.duplicated)),
+            )
+        for problem, (count, example) in skipped.items():
+            counts["tickets_skipped"] += count
+            log.warning(
+                "%s: %d cases skipped, no ticket opened: their case key %s (e.g. %r); fix the key in the CRM",
+                reader.mapping.where(("tickets", "key")),
+                count,
+                problem,
+                example[:40],
             )
     ready = rt.store.ready_tickets()
     if ready:
         enqueue(ready)
     counts["tickets_enqueued"] = len(ready)
     return counts
+
+
+def screen(page: TicketPage) -> tuple[list[Case], dict[str, str], dict[str, tuple[int, str]]]:
+    """A page's cases as the state DB can keep them: the cases, the refused keys, the skipped.
+
+    A case key is the ticket's identity in the state DB (at most 255 characters there, like a
+    provided_unique_id): one that is empty, longer or holds a NUL (PostgreSQL keeps no NUL in
+    text) cannot be kept, even as a refusal, so its cases are skipped, by problem: (how many,
+    one key). A case whose customer key is so (no customer can have it) is refused with the
+    reason, as is a key held by several cases; a refusal keeps a NUL-free subject and no such
+    customer, and is lifted by itself once the case is fixed (StateStore.add_tickets).
+    """
+    cases: list[Case] = []
+    refused: dict[str, str] = {}
+    skipped: dict[str, tuple[int, str]] = {}
+    for key, subject, customer in page.cases:
+        if problem := _unkeepable(key):
+            count, example = skipped.get(problem, (0, key))
+            skipped[problem] = (count + 1, example)
+            continue
+        if key in page.duplicated:
+            refused[key] = (
+                f"duplicate_key: the tickets query holds {page.duplicated[key]} cases with this key; "
+                "no ticket is opened for it until only one is left"
+            )
+        elif customer is not None and (problem := _unkeepable(customer)):
+            refused[key] = f"customer_key: the case's customer key {problem}: no customer can have it"
+        elif "\x00" in subject:
+            refused[key] = "subject: the case's subject holds a NUL character"
+        if key in refused:
+            subject = subject.replace("\x00", "\ufffd")
+            customer = None if customer is None or _unkeepable(customer) else customer
+        cases.append((key, subject, customer))
+    return cases, refused, skipped
+
+
+def _unkeepable(key: str) -> str | None:
+    """Why a key cannot be kept in the state DB (as "is empty", say), or None."""
+    if not key.strip():
+        return "is empty"
+    if len(key) > MAX_UNIQUE_ID_LENGTH:
+        return f"is {len(key)} characters (at most {MAX_UNIQUE_ID_LENGTH})"
+    if "\x00" in key:
+        return "holds a NUL character"
+    return None
 
 
 def resend_ready_tickets(rt: Runtime, enqueue: Callable[[list[str]], None]) -> int:

@@ -14,10 +14,13 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import logging
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
 import psycopg
@@ -28,6 +31,8 @@ from ..contact import CANONICAL_FORM, Contact, build_contact, is_deleted, key_te
 from ..errors import ConfigError, InvalidRecord, SourceError
 from ..sqlkeys import binary_arrays, one_of, text_forms
 from .mapping import Mapping, TicketsSpec, one_statement
+
+log = logging.getLogger(__name__)
 
 # What the errors of the query at a mapping path call it.
 _QUERY_NAMES = {
@@ -58,6 +63,10 @@ class RawPage:
     max_updated: Any = None
     # Rows of the whole source by key text, for the page's keys, where the page alone cannot tell.
     source_counts: dict[str, int] = field(default_factory=dict)
+    # Page key text -> side rows the database matched to it whose key text differs (see
+    # `SourceReader._strays`): (the mapping part, `tags` or `custom_fields`; the query, as
+    # `file:line: the tags query`; the rows' key text).
+    strays: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -470,8 +479,9 @@ class SourceReader:
         mixed = counted.mixed
         tags: dict[str, list[tuple[Any, ...]]] = {}
         fields: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        strays: list[tuple[tuple[str | int, ...], Any]] = []
         for sql, loc, _ in self.mapping.side_queries():
-            side = self._side_rows(conn, sql, loc, raw_keys, mixed)
+            side = self._side_rows(conn, sql, loc, raw_keys, mixed, strays)
             if loc[0] == "tags":
                 tags = side
             else:
@@ -480,6 +490,8 @@ class SourceReader:
         page = RawPage(rows, tags, fields)
         if counted.count and raw_keys:
             page.source_counts = counted.copies(conn, raw_keys)
+        if strays:
+            page.strays = self._strays(conn, counted, raw_keys, strays)
         if src.updated_at:
             for row in rows:
                 upd = moment(row.get(src.updated_at))
@@ -516,6 +528,8 @@ class SourceReader:
                         "none of them is sent until only one is left",
                         "source.key",
                     )
+                if skey is not None and skey in raw.strays:
+                    raise _unattributed(skey, raw.strays[skey])
                 fingerprint = None
                 if verdict is not None and skey is not None:
                     fingerprint = row_fingerprint(row, tags, fields, self.fingerprint_salt)
@@ -568,14 +582,21 @@ class SourceReader:
                 yield page
 
     def _side_rows(
-        self, conn: sa.Connection, sql: str, loc: tuple[str | int, ...], raw_keys: list[Any], mixed: bool
+        self,
+        conn: sa.Connection,
+        sql: str,
+        loc: tuple[str | int, ...],
+        raw_keys: list[Any],
+        mixed: bool,
+        strays: list[tuple[tuple[str | int, ...], Any]],
     ) -> dict[str, list[tuple[Any, ...]]]:
         """Rows of the `(key, ...)` query at `loc` for the given keys, grouped by key text.
 
         Matched as the text the key becomes (the provided_unique_id): the database finds the
         candidates on its own terms (every form of a key on SQLite when the key column mixes
         storage classes; `X` for `x` under MariaDB's collations), and only a side row whose
-        key has exactly a page key's text belongs to it.
+        key has exactly a page key's text belongs to it. The key of each other row the
+        database found (one per key text) is added to `strays`, with `loc`: see `_strays`.
         """
         if not raw_keys:
             return {}
@@ -584,13 +605,68 @@ class SourceReader:
         wanted = text_forms(raw_keys) if mixed else raw_keys
         query = sa.select(*side.c).where(one_of(side.c[names[0]], wanted, self.engine.dialect.name))
         out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        page_texts = {key_text(k) for k in raw_keys}
+        stray_texts: set[str] = set()
         try:
             for row in _fetch(conn, query)[1]:
-                if row[0] is not None:
-                    out[key_text(row[0])].append(tuple(row[1:]))
+                if row[0] is None:
+                    continue
+                text = key_text(row[0])
+                if text in page_texts:
+                    out[text].append(tuple(row[1:]))
+                elif text not in stray_texts:
+                    stray_texts.add(text)
+                    strays.append((loc, row[0]))
         except sa.exc.SQLAlchemyError as exc:
             raise SourceError(f"{self._query_at(loc)} failed: {_reason(exc)}") from None
         return out
+
+    def _strays(
+        self,
+        conn: sa.Connection,
+        counted: _Keys,
+        raw_keys: list[Any],
+        strays: list[tuple[tuple[str | int, ...], Any]],
+    ) -> dict[str, list[tuple[str, str, str]]]:
+        """The page's contacts that side rows without an owner of their exact key text belong to.
+
+        The database matched each stray row to a page key on its own terms (DECIMAL 2.00 is
+        INTEGER 2, PostgreSQL's CHAR(5) 'k1   ' is 'k1', MariaDB's collations hold 'X' equal
+        to 'x'), but a key is its exact text: sending the contact without those rows would lose
+        them without a word. A stray whose text is another contact's key (MariaDB's 'X' rows,
+        read for 'x' while 'X' is on no page of this run) is that contact's and is left alone;
+        each other stray goes to the page keys it equals as the database compares (see
+        `_loose_forms`), which are then refused (`_unattributed`). One query, on a page with
+        strays only.
+        """
+        texts = sorted({key_text(raw) for _, raw in strays})
+        # Compared as text, like a replay's keys: no type of the key column can fail this lookup.
+        query = sa.select(counted.column).where(sa.cast(counted.column, sa.String(255)).in_(texts))
+        try:
+            owned = {key_text(row[0]) for row in _fetch(conn, query)[1] if row[0] is not None}
+        except sa.exc.SQLAlchemyError as exc:
+            raise SourceError(f"reading contacts failed: {_reason(exc)}") from None
+        by_form: dict[tuple[str, Any], set[str]] = defaultdict(set)
+        for key in raw_keys:
+            for form in _loose_forms(key):
+                by_form[form].add(key_text(key))
+        out: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+        for loc, raw in strays:
+            text = key_text(raw)
+            if text in owned:
+                continue
+            where = self._query_at(loc)
+            matched = set().union(*(by_form.get(form, set()) for form in _loose_forms(raw)))
+            if not matched:  # a comparison `_loose_forms` does not know (an accent-blind collation...)
+                log.warning(
+                    "%s returned rows keyed %r, which the database matched to a contact whose key text "
+                    "differs; they are not sent: cast the key column in that query so it reads as the key",
+                    where,
+                    text,
+                )
+            for owner in sorted(matched):
+                out[owner].append((str(loc[0]), where, text))
+        return dict(out)
 
     def _connect(self) -> sa.Connection:
         try:
@@ -639,6 +715,47 @@ def _storage_class(value: Any) -> str:
     if isinstance(value, int | float):
         return "number"
     return "blob" if isinstance(value, bytes) else "text"
+
+
+def _loose_forms(value: Any) -> set[tuple[str, Any]]:
+    """What a key value equals as databases compare keys, beyond its exact text.
+
+    Numbers by value (DECIMAL 2.00, REAL 2.0 and INTEGER 2; text that reads as a number too, as
+    MySQL and SQLite's affinities compare it), text without trailing spaces (CHAR padding,
+    PAD SPACE collations), case and accents (MariaDB's `_ci` collations). Wider than any one
+    database: it only picks, among the contacts a database matched a side row to, which.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    forms: set[tuple[str, Any]] = set()
+    number: Decimal | None = None
+    if isinstance(value, int | float | Decimal):
+        number = Decimal(value)
+    elif isinstance(value, str):
+        try:
+            number = Decimal(value.strip())
+        except InvalidOperation:
+            number = None
+    if number is not None and number.is_finite():
+        forms.add(("number", number))
+    text = unicodedata.normalize("NFKD", str(value))
+    text = "".join(c for c in text if not unicodedata.combining(c)).casefold().rstrip(" ")
+    forms.add(("text", text))
+    return forms
+
+
+def _unattributed(key: str, strays: Sequence[tuple[str, str, str]]) -> InvalidRecord:
+    """The letter of a contact that side rows the database matched to it could not be given to."""
+    shown = "; ".join(f"{where} returned rows keyed {text!r}" for _, where, text in strays[:3])
+    more = f" (and {len(strays) - 3} more)" if len(strays) > 3 else ""
+    fields = sorted({part for part, _, _ in strays})
+    return InvalidRecord(
+        "side_key_mismatch",
+        f"{shown}{more}, which the database matches to key {key!r} but whose text is not {key!r}: "
+        "the contact is not sent without them. Cast the key column in that query so it reads as "
+        "the same text as source.key (the same type, no CHAR padding, the same case)",
+        ", ".join(fields),
+    )
 
 
 def _text_or_bytes(value: bytes) -> str | bytes:

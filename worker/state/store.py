@@ -736,18 +736,18 @@ class StateStore:
     # -- tickets ---------------------------------------------------------------------------------
 
     def add_tickets(
-        self, cases: Sequence[tuple[str, str, str | None]], duplicated: AbcMapping[str, int] | None = None
+        self, cases: Sequence[tuple[str, str, str | None]], refused: AbcMapping[str, str] | None = None
     ) -> int:
         """Record (key, subject, customer) cases not seen before as pending; returns how many.
 
-        A key in `duplicated` (held by several cases of the tickets query, with their number)
+        A key in `refused` (with the reason: held by several cases of the tickets query, say)
         opens no ticket: its ticket is `refused`, with the reason, new or still pending (never
-        one already sent or being sent). A refused ticket whose key is held by one case again
-        is pending again, with that case's subject and customer.
+        one already sent or being sent). A refused ticket whose key is no longer refused is
+        pending again, with its case's subject and customer.
         """
-        duplicated = duplicated or {}
-        unique = {k: (s, c) for k, s, c in cases if k not in duplicated}
-        firsts = {k: (s, c) for k, s, c in reversed(cases) if k in duplicated}  # the first case of each
+        refused = refused or {}
+        unique = {k: (s, c) for k, s, c in cases if k not in refused}
+        firsts = {k: (s, c) for k, s, c in reversed(cases) if k in refused}  # the first case of each
         now = utcnow()
         with self._begin() as conn:
             held = {
@@ -776,7 +776,7 @@ class StateStore:
                     "subject": s,
                     "customer": c,
                     "status": "refused",
-                    "error": _refusal(duplicated[k]),
+                    "error": refused[k],
                     "attempts": 0,
                     "created_at": now,
                     "updated_at": now,
@@ -790,7 +790,7 @@ class StateStore:
                 conn.execute(
                     TICKETS.update()
                     .where(TICKETS.c.key == k, TICKETS.c.status.in_(("pending", "refused")))
-                    .values(status="refused", error=_refusal(duplicated[k]), updated_at=now)
+                    .values(status="refused", error=refused[k], updated_at=now)
                 )
             for k in (k for k in unique if held.get(k) == "refused"):
                 subject, customer = unique[k]
@@ -959,14 +959,6 @@ def is_degraded(*, unsynced: int, read: int, enqueued: int, threshold: float) ->
     so a few bad rows in a nightly full sync of a big CRM do not make every night degraded.
     """
     return unsynced > threshold * max(read, enqueued, 1)
-
-
-def _refusal(cases: int) -> str:
-    """Why a ticket is refused: its case key is not one case's."""
-    return (
-        f"duplicate_key: the tickets query holds {cases} cases with this key; "
-        "no ticket is opened for it until only one is left"
-    )
 
 
 def _as_utc(value: dt.datetime) -> dt.datetime:
