@@ -473,3 +473,31 @@ def test_a_changed_mapping_is_noticed_and_only_affected_parts_are_resent(sandbox
     assert sandbox.calls() - before == 6
     assert sandbox.customers()["C00001"]["location"] == "Ada"
     assert h2.planner.mapping_changes() == []
+
+
+def test_a_task_from_a_newer_planner_with_unknown_fields_is_synced_not_failed(
+    harness: Harness, sandbox: Sandbox
+) -> None:
+    harness.plan("full")
+    for _, msg in harness.queued:  # what a newer planner of a rolling deploy may add
+        msg["contact"]["locale"] = "fr-CH"
+        msg["priority_hint"] = 3
+
+    outcomes = harness.drain()
+
+    assert set(outcomes) == {Outcome.SYNCED}
+    customers = sandbox.customers()
+    assert len(customers) == 30 and "locale" not in customers["C00001"]
+
+
+def test_a_task_from_an_older_planner_without_part_hashes_is_synced(harness: Harness, sandbox: Sandbox) -> None:
+    harness.plan("full")
+    for _, msg in harness.queued:  # an older planner's message: no per-part hashes, no newer options
+        del msg["contact"]["hashes"]
+        for name in ("kind", "fingerprint", "update_only", "tickets"):
+            msg.pop(name, None)
+
+    outcomes = harness.drain()
+
+    assert set(outcomes) == {Outcome.SYNCED}
+    assert len(sandbox.customers()) == 30

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from decimal import Decimal
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any
@@ -101,12 +102,25 @@ class Contact:
 
     @classmethod
     def from_payload(cls, data: AbcMapping[str, Any]) -> Contact:
-        """The inverse of :meth:`to_payload`."""
-        return cls(**data)
+        """The inverse of :meth:`to_payload`, reading what this version knows of it.
+
+        During a rolling deploy a newer planner may add fields that an older worker does not
+        know: they are left out, so that the worker syncs what it understands instead of
+        failing every task (and the reconciler sending them again and again). A field with a
+        default (`hashes`) may be missing, as from an older planner: the part hashes are then
+        computed from the parts, as the planner computes them.
+        """
+        contact = cls(**{name: data[name] for name in _PAYLOAD_FIELDS if name in data})
+        if not all(part in contact.hashes for part in PARTS):
+            contact = replace(contact, hashes=part_hashes(contact.profile, contact.tags, contact.fields))
+        return contact
 
     def part(self, name: str) -> Any:
         """The body of one part: ``profile``, ``tags`` or ``fields``."""
         return {"profile": self.profile, "tags": self.tags, "fields": self.fields}[name]
+
+
+_PAYLOAD_FIELDS = tuple(f.name for f in dataclass_fields(Contact))
 
 
 def with_tag(contact: Contact, tag: str) -> Contact:
@@ -404,13 +418,13 @@ def build_contact(
         else:
             fields.pop(name, None)  # a later NULL clears an earlier value of the same name
     deleted = is_deleted(mapping, row)
-    hashes = {
-        "profile": content_hash(profile),
-        "tags": content_hash(tag_list),
-        "fields": content_hash(fields),
-    }
     version = version_text(row.get(recipe.updated_at)) if recipe.updated_at else None
-    return Contact(key, version, deleted, profile, tag_list, fields, hashes)
+    return Contact(key, version, deleted, profile, tag_list, fields, part_hashes(profile, tag_list, fields))
+
+
+def part_hashes(profile: dict[str, Any], tags: list[str], fields: dict[str, Any]) -> dict[str, str]:
+    """The hash of each part of a contact: what change detection compares with what was sent."""
+    return {"profile": content_hash(profile), "tags": content_hash(tags), "fields": content_hash(fields)}
 
 
 def query_field_name(raw: Any) -> str:
