@@ -501,3 +501,21 @@ def test_a_task_from_an_older_planner_without_part_hashes_is_synced(harness: Har
 
     assert set(outcomes) == {Outcome.SYNCED}
     assert len(sandbox.customers()) == 30
+
+
+def test_a_customer_is_never_left_dead_without_its_letter_when_the_letter_cannot_be_written(
+    harness: Harness,
+) -> None:
+    store = harness.rt.store
+    store.record_outcome("C00001", None, "synced", {"profile": "p", "tags": "t", "fields": "f"}, "v1")
+    unstorable = {"key": "C00001", "profile": {"when": object()}}  # no JSON: the letter's write fails
+
+    with pytest.raises((sa.exc.StatementError, TypeError)):  # as each driver reports it
+        store.record_dead("C00001", None, {"profile": "p2"}, "h", unstorable, "PermanentError.422", "refused")
+
+    # One transaction: the failed letter took the customer's `dead` with it.
+    assert (store.customer("C00001") or {})["status"] == "synced"
+    assert store.dead_letters() == []
+    letter = store.record_dead("C00001", None, {"profile": "p2"}, "h", {"key": "C00001"}, "PermanentError.422", "no")
+    assert (store.customer("C00001") or {})["status"] == "dead"
+    assert [d["id"] for d in store.dead_letters()] == [letter]

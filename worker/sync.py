@@ -183,10 +183,11 @@ def _dead_letter(
 ) -> None:
     error = redact(str(exc))
     log.warning("customer %s dead-lettered: %s", contact.key, error)
-    rt.store.record_outcome(contact.key, run_id, "dead", sent, None, error=error, failed_hash=payload_hash(contact))
-    rt.store.add_dead_letter(
+    rt.store.record_dead(
         contact.key,
         run_id,
+        sent,
+        payload_hash(contact),
         msg["contact"],
         error_class=_error_class(exc),
         message=error,

@@ -326,9 +326,37 @@ class StateStore:
         if synced:
             values.update(source_version=source_version, synced_at=now, source_fingerprint=fingerprint)
         with self._begin() as conn:
-            updated = conn.execute(_OUTCOME_UPDATES[synced], {"key": key, **values}).rowcount
-            if not updated:
-                conn.execute(STATE.insert().values(provided_unique_id=key, last_run_id=run_id, attempts=1, **values))
+            _write_outcome(conn, key, run_id, synced, values)
+
+    def record_dead(
+        self,
+        key: str,
+        run_id: str | None,
+        hashes: dict[str, str | None],
+        failed_hash: str,
+        payload: dict[str, Any],
+        error_class: str,
+        message: str,
+        http_status: int | None = None,
+        response_body: str | None = None,
+    ) -> int:
+        """A sync task that failed for good: the customer `dead` and its letter, in one transaction.
+
+        Written apart, a process dying between the two would leave a customer dead with no
+        letter in front of an operator. Returns the letter's id.
+        """
+        values: dict[str, Any] = {
+            "status": "dead",
+            "last_error": message,
+            "updated_at": utcnow(),
+            "profile_hash": hashes.get("profile"),
+            "tags_hash": hashes.get("tags"),
+            "fields_hash": hashes.get("fields"),
+            "failed_hash": failed_hash,
+        }
+        with self._begin() as conn:
+            _write_outcome(conn, key, run_id, False, values)
+            return _write_dead_letter(conn, key, run_id, payload, error_class, message, http_status, response_body, 1)
 
     def refresh_fingerprints(self, rows: Sequence[tuple[str, str, dict[str, str]]]) -> None:
         """Record (key, fingerprint, hashes): the row with this fingerprint builds these hashes.
@@ -644,38 +672,10 @@ class StateStore:
         a key has no identity but its content: its letter is the open one of the same class
         holding the same payload, so each nightly run does not add another.
         """
-        now = utcnow()
         with self._begin() as conn:
-            open_letters = sa.select(DEAD.c.id).where(DEAD.c.state.in_(["dead", "replayed"]))
-            if key is not None:
-                existing = conn.execute(open_letters.where(DEAD.c.provided_unique_id == key)).scalar()
-            else:
-                keyless = open_letters.add_columns(DEAD.c.payload).where(
-                    DEAD.c.provided_unique_id.is_(None), DEAD.c.error_class == error_class
-                )
-                existing = next((i for i, held in conn.execute(keyless) if held == payload), None)
-            values = {
-                "run_id": run_id,
-                "payload": payload,
-                "error_class": error_class,
-                "message": message[:2000],
-                "http_status": http_status,
-                "response_body": (response_body or None) and response_body[:2000],
-                "last_failed_at": now,
-            }
-            if existing is not None:
-                conn.execute(
-                    DEAD.update()
-                    .where(DEAD.c.id == existing)
-                    .values(state="dead", attempts=DEAD.c.attempts + attempts, **values)
-                )
-                return int(existing)
-            result = conn.execute(
-                DEAD.insert().values(
-                    provided_unique_id=key, attempts=attempts, first_failed_at=now, state="dead", **values
-                )
+            return _write_dead_letter(
+                conn, key, run_id, payload, error_class, message, http_status, response_body, attempts
             )
-            return int(result.inserted_primary_key[0])  # type: ignore[index]
 
     def dead_letters(
         self,
@@ -963,3 +963,50 @@ def is_degraded(*, unsynced: int, read: int, enqueued: int, threshold: float) ->
 
 def _as_utc(value: dt.datetime) -> dt.datetime:
     return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _write_outcome(conn: sa.Connection, key: str, run_id: str | None, synced: bool, values: dict[str, Any]) -> None:
+    """Update the customer's state row with a task's outcome, or insert it (a first sight)."""
+    updated = conn.execute(_OUTCOME_UPDATES[synced], {"key": key, **values}).rowcount
+    if not updated:
+        conn.execute(STATE.insert().values(provided_unique_id=key, last_run_id=run_id, attempts=1, **values))
+
+
+def _write_dead_letter(
+    conn: sa.Connection,
+    key: str | None,
+    run_id: str | None,
+    payload: dict[str, Any],
+    error_class: str,
+    message: str,
+    http_status: int | None,
+    response_body: str | None,
+    attempts: int,
+) -> int:
+    """Add or update the contact's one open letter on `conn` (see `StateStore.add_dead_letter`)."""
+    now = utcnow()
+    open_letters = sa.select(DEAD.c.id).where(DEAD.c.state.in_(["dead", "replayed"]))
+    if key is not None:
+        existing = conn.execute(open_letters.where(DEAD.c.provided_unique_id == key)).scalar()
+    else:
+        keyless = open_letters.add_columns(DEAD.c.payload).where(
+            DEAD.c.provided_unique_id.is_(None), DEAD.c.error_class == error_class
+        )
+        existing = next((i for i, held in conn.execute(keyless) if held == payload), None)
+    values = {
+        "run_id": run_id,
+        "payload": payload,
+        "error_class": error_class,
+        "message": message[:2000],
+        "http_status": http_status,
+        "response_body": (response_body or None) and response_body[:2000],
+        "last_failed_at": now,
+    }
+    if existing is not None:
+        again = DEAD.update().where(DEAD.c.id == existing)
+        conn.execute(again.values(state="dead", attempts=DEAD.c.attempts + attempts, **values))
+        return int(existing)
+    result = conn.execute(
+        DEAD.insert().values(provided_unique_id=key, attempts=attempts, first_failed_at=now, state="dead", **values)
+    )
+    return int(result.inserted_primary_key[0])  # type: ignore[index]
