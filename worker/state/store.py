@@ -312,21 +312,8 @@ class StateStore:
         A synced outcome also records the `fingerprint` of the source row it was built from
         (None when unknown: a replayed payload, a task planned before fingerprints).
         """
-        now = utcnow()
-        values: dict[str, Any] = {
-            "status": status,
-            "last_error": error,
-            "updated_at": now,
-            "profile_hash": hashes.get("profile"),
-            "tags_hash": hashes.get("tags"),
-            "fields_hash": hashes.get("fields"),
-            "failed_hash": failed_hash,
-        }
-        synced = status == "synced"
-        if synced:
-            values.update(source_version=source_version, synced_at=now, source_fingerprint=fingerprint)
         with self._begin() as conn:
-            _write_outcome(conn, key, run_id, synced, values)
+            _write_outcome(conn, key, run_id, status, hashes, error, failed_hash, source_version, fingerprint)
 
     def record_dead(
         self,
@@ -345,17 +332,8 @@ class StateStore:
         Written apart, a process dying between the two would leave a customer dead with no
         letter in front of an operator. Returns the letter's id.
         """
-        values: dict[str, Any] = {
-            "status": "dead",
-            "last_error": message,
-            "updated_at": utcnow(),
-            "profile_hash": hashes.get("profile"),
-            "tags_hash": hashes.get("tags"),
-            "fields_hash": hashes.get("fields"),
-            "failed_hash": failed_hash,
-        }
         with self._begin() as conn:
-            _write_outcome(conn, key, run_id, False, values)
+            _write_outcome(conn, key, run_id, "dead", hashes, message, failed_hash)
             return _write_dead_letter(conn, key, run_id, payload, error_class, message, http_status, response_body, 1)
 
     def refresh_fingerprints(self, rows: Sequence[tuple[str, str, dict[str, str]]]) -> None:
@@ -965,8 +943,31 @@ def _as_utc(value: dt.datetime) -> dt.datetime:
     return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-def _write_outcome(conn: sa.Connection, key: str, run_id: str | None, synced: bool, values: dict[str, Any]) -> None:
+def _write_outcome(
+    conn: sa.Connection,
+    key: str,
+    run_id: str | None,
+    status: str,
+    hashes: dict[str, str | None],
+    error: str | None,
+    failed_hash: str | None,
+    source_version: str | None = None,
+    fingerprint: str | None = None,
+) -> None:
     """Update the customer's state row with a task's outcome, or insert it (a first sight)."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": status,
+        "last_error": error,
+        "updated_at": now,
+        "profile_hash": hashes.get("profile"),
+        "tags_hash": hashes.get("tags"),
+        "fields_hash": hashes.get("fields"),
+        "failed_hash": failed_hash,
+    }
+    synced = status == "synced"
+    if synced:
+        values.update(source_version=source_version, synced_at=now, source_fingerprint=fingerprint)
     updated = conn.execute(_OUTCOME_UPDATES[synced], {"key": key, **values}).rowcount
     if not updated:
         conn.execute(STATE.insert().values(provided_unique_id=key, last_run_id=run_id, attempts=1, **values))
