@@ -34,7 +34,7 @@ from tests.crm import MAPPING, TICKETS_MAPPING, make_crm, write_mapping
 from tests.tcp_proxy import TcpProxy
 from tests.test_breaker import FakeClock
 from tests.test_end_to_end import crmsync, sync_json
-from tests.test_sync_flow import Harness
+from tests.test_sync_flow import Harness, harness_for
 from worker.errors import AuthError, AuthPaused, CircuitOpen
 from worker.proto import LocalBreaker, LocalLimiter, ProtoClient, RedisBreaker, RedisLimiter, RetryPolicy
 from worker.proto._wire import ROUTES
@@ -287,20 +287,9 @@ def test_sync_wait_on_the_embedded_broker_exits_1_naming_the_token_file(
 
 @pytest.fixture
 def harness(sandbox: Sandbox, tmp_path: Path) -> Harness:
-    crm = f"sqlite:///{tmp_path / 'crm.db'}"
-    make_crm(crm, 30).dispose()
     state = f"sqlite:///{tmp_path / 'state.db'}"
     migrate(state)
-    settings = Settings(
-        source_url=crm,
-        state_url=state,
-        mapping=write_mapping(tmp_path),
-        proto_base_url=sandbox.base_url,
-        proto_subcompany_id=SUBCOMPANY,
-        proto_token=TOKEN,
-        rate_limit=1000,
-    )
-    return Harness(Runtime(settings))
+    return harness_for(sandbox, state, tmp_path)
 
 
 def drain_in_threads(h: Harness, threads: int = 8) -> list[Outcome]:

@@ -55,10 +55,10 @@ class Harness:
         return result
 
 
-@pytest.fixture
-def harness(sandbox: Sandbox, state_url: str, tmp_path: Path) -> Harness:
+def harness_for(sandbox: Sandbox, state_url: str, tmp_path: Path, **overrides: Any) -> Harness:
+    """A Harness over a 30-contact SQLite CRM in `tmp_path`, the state DB at `state_url` (migrated)."""
     crm = f"sqlite:///{tmp_path / 'crm.db'}"
-    make_crm(crm, 30)
+    make_crm(crm, 30).dispose()
     settings = Settings(
         source_url=crm,
         state_url=state_url,
@@ -67,10 +67,14 @@ def harness(sandbox: Sandbox, state_url: str, tmp_path: Path) -> Harness:
         proto_subcompany_id=SUBCOMPANY,
         proto_token=TOKEN,
         rate_limit=1000,
-        batch_size=7,
-        lookback_seconds=5,
+        **overrides,
     )
     return Harness(Runtime(settings))
+
+
+@pytest.fixture
+def harness(sandbox: Sandbox, state_url: str, tmp_path: Path) -> Harness:
+    return harness_for(sandbox, state_url, tmp_path, batch_size=7, lookback_seconds=5)
 
 
 def crm_engine(h: Harness) -> sa.Engine:
